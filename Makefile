@@ -1,0 +1,35 @@
+# adv_soups: `make demo` and `make test` bootstrap .venv themselves on a fresh clone.
+# PYTHON defaults to what scripts/find-python picks (3.12 if present, else 3.11); override with PYTHON=...
+PYTHON ?= $(shell scripts/find-python)
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+WORKDIR ?= workdirs/digits_demo
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	@test -n "$(PYTHON)" || { echo "no Python >= 3.11 found; run e.g. make PYTHON=python3.12"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The whole suite, slow tests included (what CI runs).
+test: install
+	$(PYTEST) -q tests
+
+# Everything but the tests marked slow (end-to-end training, notebook): for local work.
+test-fast: install
+	$(PYTEST) -q -m "not slow" tests
+
+demo: install
+	$(PY) -m adv_soups.demo --workdir=$(WORKDIR)
+
+bench: install
+	$(PY) -m bench.bench_attacks
+
+clean:
+	rm -rf $(VENV) .pytest_cache
