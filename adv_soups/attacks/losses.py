@@ -1,0 +1,97 @@
+"""Per-example attack losses, all written as quantities the attacker *maximises*.
+
+Every function maps logits [B, C] (float) and int labels [B] (and targets [B] where targeted) to a
+per-example loss [B] float32. The attacks take the gradient of the *sum* of these w.r.t. the input;
+examples are independent, so that is each example's own gradient.
+
+Definitions (Carlini & Wagner 2017 for the margin; Croce & Hein 2020 for DLR), z = logits,
+pi = the class indices sorted by decreasing logit:
+  ce               CE(z, y)                                       untargeted
+  ce (targeted)    -CE(z, t)                                      move toward t
+  margin           max_{j != y} z_j - z_y                          untargeted CW
+  margin (target.) z_t - max_{j != t} z_j                          targeted CW
+  dlr              -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)          needs C >= 3
+  dlr (targeted)   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)         needs C >= 4
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOSSES = ("ce", "margin", "dlr")
+_DLR_DENOM_EPS = 1e-12
+
+
+def _onehot(labels: jax.Array, num_classes: int) -> jax.Array:
+  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+
+def _max_other(logits: jax.Array, onehot: jax.Array) -> jax.Array:
+  """max_{j != y} z_j per example [B] (the label's own logit is masked out)."""
+  return jnp.max(jnp.where(onehot > 0, -jnp.inf, logits), axis=-1)
+
+
+def ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Cross-entropy per example: logits [B, C], labels [B] int -> [B]."""
+  logits = logits.astype(jnp.float32)
+  return -jnp.sum(_onehot(labels, logits.shape[-1]) * jax.nn.log_softmax(logits), axis=-1)
+
+
+def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """CW margin max_{j != y} z_j - z_y per example: logits [B, C], labels [B] -> [B] (> 0: wrong)."""
+  logits = logits.astype(jnp.float32)
+  oh = _onehot(labels, logits.shape[-1])
+  return _max_other(logits, oh) - jnp.sum(oh * logits, axis=-1)
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Difference-of-logits-ratio loss (untargeted) per example: [B, C], [B] -> [B]. Needs C >= 3."""
+  logits = logits.astype(jnp.float32)
+  srt = jnp.sort(logits, axis=-1)  # ascending: srt[:, -1] is pi1
+  return margin_loss(logits, labels) / (srt[:, -1] - srt[:, -3] + _DLR_DENOM_EPS)
+
+
+def targeted_ce_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """-CE(z, t) per example [B]; maximising it moves the prediction toward `targets` [B]."""
+  del labels
+  return -ce_loss(logits, targets)
+
+
+def targeted_margin_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """Targeted CW margin z_t - max_{j != t} z_j per example [B]."""
+  del labels
+  return -margin_loss(logits, targets)
+
+
+def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """Targeted DLR -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) per example [B]. Needs C >= 4."""
+  logits = logits.astype(jnp.float32)
+  c = logits.shape[-1]
+  z_y = jnp.sum(_onehot(labels, c) * logits, axis=-1)
+  z_t = jnp.sum(_onehot(targets, c) * logits, axis=-1)
+  srt = jnp.sort(logits, axis=-1)
+  denom = srt[:, -1] - 0.5 * (srt[:, -3] + srt[:, -4]) + _DLR_DENOM_EPS
+  return -(z_y - z_t) / denom
+
+
+def check_loss(loss: str, num_classes: int | None, targeted: bool) -> None:
+  """Raises ValueError for an unknown loss name or too few classes for DLR (None: unknown C)."""
+  if loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+  if loss == "dlr" and num_classes is not None:
+    need = 4 if targeted else 3
+    if num_classes < need:
+      kind = "targeted DLR" if targeted else "DLR"
+      raise ValueError(f"{kind} needs >= {need} classes, got num_classes={num_classes}")
+
+
+def get_loss(loss: str, targeted: bool) -> Callable[..., jax.Array]:
+  """The per-example loss `fn(logits [B, C], labels [B], targets [B]) -> [B]` to maximise."""
+  check_loss(loss, None, targeted)
+  if targeted:
+    return {"ce": targeted_ce_loss, "margin": targeted_margin_loss,
+            "dlr": targeted_dlr_loss}[loss]
+  fn = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}[loss]
+  return lambda logits, labels, targets: fn(logits, labels)

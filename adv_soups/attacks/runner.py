@@ -1,0 +1,355 @@
+"""`robust_accuracy`: clean and robust accuracy of a classifier under a sequence of attacks.
+
+How "attack only the still-robust examples" is done: by *compaction on the host into fixed-size
+batches*, as AutoAttack does, but streamed. Every stage (the clean pass, then each attack; APGD-T
+is one stage per target rank) has a queue of waiting examples; whenever a queue holds a full batch
+(B examples, B a multiple of the device count), that stage runs on it and the examples it did not
+break move on to the next stage's queue. At the end the partial queues are flushed in stage order
+(padded with masked-out rows). So an attack only spends compute on examples every earlier attack
+failed on, every call of a stage has the same shape (one compilation per stage and batch shape,
+cached across calls), and the host holds at most about B examples per stage, not the dataset.
+
+Each batch is sharded over the mesh's `data` axis and each stage runs under `jax.shard_map`, one
+shard per device with no communication. Random starts are keyed by the example's index in the
+stream of (unmasked) examples, so results do not depend on the mesh, the batch size or the order
+in which the compaction groups examples. Single-process only (the compaction needs every example on
+one host); for multi-host evaluation run it per process and combine the counts.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from adv_soups import parallel
+
+# By module path: the package's __init__ rebinds the names `pgd` / `apgd` to the functions.
+apgd_lib = importlib.import_module("adv_soups.attacks.apgd")
+pgd_lib = importlib.import_module("adv_soups.attacks.pgd")
+
+ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+ALIASES = {"autoattack": ("apgd-ce", "apgd-t")}  # AutoAttack's white-box core, not the full suite
+_CACHE_SIZE = 32
+_cache: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustResult:
+  """Outcome of `robust_accuracy`. Per-example arrays are [N], in the order the (unmasked)
+  examples came in; masked-out padding rows are not counted and have no entry.
+
+  clean_accuracy / robust_accuracy: fractions in [0, 1].
+  clean_correct: [N] bool, correct on the clean image.
+  robust: [N] bool, correct on the clean image and not broken by any attack.
+  broken_by: [N] int, index into `attacks` of the attack that broke the example, -1 if none did
+    (also -1 for clean errors).
+  accuracy_after: robust accuracy after each attack in turn (the last equals robust_accuracy).
+  attacks: the attacks that ran, in order, each a dict of its name and settings.
+  """
+  clean_accuracy: float
+  robust_accuracy: float
+  clean_correct: np.ndarray
+  robust: np.ndarray
+  broken_by: np.ndarray
+  accuracy_after: tuple[float, ...]
+  attacks: tuple[dict, ...]
+  num_examples: int
+
+  def summary(self) -> dict:
+    """A JSON-friendly dict without the per-example arrays."""
+    return dict(clean_accuracy=self.clean_accuracy, robust_accuracy=self.robust_accuracy,
+                accuracy_after=list(self.accuracy_after), attacks=list(self.attacks),
+                num_examples=self.num_examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled stage functions (cached)
+# ---------------------------------------------------------------------------------------------
+def _cached(key, build):
+  """A small LRU cache; unhashable keys (e.g. an unhashable logits_fn) are not cached."""
+  try:
+    hash(key)
+  except TypeError:
+    return build()
+  if key in _cache:
+    _cache.move_to_end(key)
+    return _cache[key]
+  value = build()
+  _cache[key] = value
+  if len(_cache) > _CACHE_SIZE:
+    _cache.popitem(last=False)
+  return value
+
+
+def _bind(logits_fn, params, domain, has_params, has_domain):
+  """images -> logits, closing over params (replicated) and the per-example domain."""
+  def f(images):
+    args = ((params,) if has_params else ()) + (images,) + ((domain,) if has_domain else ())
+    return logits_fn(*args)
+  return f
+
+
+def _clean_fn(logits_fn, has_params, has_domain, mesh):
+  def inner(params, images, labels, domain, mask):
+    logits = _bind(logits_fn, params, domain, has_params, has_domain)(images)
+    return mask & (jnp.argmax(logits, axis=-1) == labels)
+  d = P(parallel.DATA_AXIS)
+  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d), out_specs=d,
+                     check_vma=False)  # exact GELU (erfc) fails the vma check in jax 0.12
+  return jax.jit(sm)
+
+
+def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, settings):
+  """Compiled stage: (params, images, labels, domain, mask, index, rng, rank, eps, step_size)
+  -> survived [B]. eps and step_size are traced: one compilation serves every eps."""
+  s = dict(settings)
+
+  def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
+    f = _bind(logits_fn, params, domain, has_params, has_domain)
+    common = dict(eps=eps, num_steps=s["num_steps"], norm=s["norm"],
+                  restarts=s["restarts"], example_index=index)
+    if attack == "pgd":
+      x_adv = pgd_lib.pgd(f, images, labels, rng, step_size=step_size, loss="ce", **common)
+    elif attack in ("apgd-ce", "apgd-dlr"):
+      x_adv = apgd_lib.apgd(f, images, labels, rng, loss=attack[5:], **common)
+    else:  # apgd-t, one target rank
+      x_adv = apgd_lib.apgd_t_single(f, images, labels, rng, rank, **common)[0]
+    return mask & (jnp.argmax(f(x_adv), axis=-1) == labels)
+  d = P(parallel.DATA_AXIS)
+  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),
+                     out_specs=d, check_vma=False)  # exact GELU (erfc) fails the vma check
+  return jax.jit(sm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side queues
+# ---------------------------------------------------------------------------------------------
+class _Queue:
+  """Examples waiting for a stage: a dict of numpy arrays with a common leading axis."""
+
+  def __init__(self):
+    self._chunks: list[dict] = []
+    self.size = 0
+
+  def push(self, rows: dict) -> None:
+    n = len(rows["index"])
+    if n:
+      self._chunks.append(rows)
+      self.size += n
+
+  def pop(self, n: int) -> dict:
+    rows = {k: np.concatenate([c[k] for c in self._chunks]) for k in self._chunks[0]}
+    head = {k: v[:n] for k, v in rows.items()}
+    tail = {k: v[n:] for k, v in rows.items()}
+    self._chunks = [tail] if len(tail["index"]) else []
+    self.size = len(tail["index"])
+    return head
+
+
+def _pad(rows: dict, size: int) -> dict:
+  n = len(rows["index"])
+  out = {}
+  for k, v in rows.items():
+    pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
+    out[k] = np.concatenate([v, pad])
+  out["mask"] = np.arange(size) < n
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# robust_accuracy
+# ---------------------------------------------------------------------------------------------
+def _expand_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
+  if isinstance(attacks, str):
+    attacks = (attacks,)
+  out = []
+  for a in attacks:
+    if a in ALIASES:
+      out.extend(ALIASES[a])
+    elif a in ATTACKS:
+      out.append(a)
+    else:
+      allowed = ", ".join(ATTACKS + tuple(ALIASES))
+      raise ValueError(f"unknown attack {a!r}; allowed: {allowed}")
+  return tuple(out)
+
+
+def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict], *, eps: float,
+                    norm: str = "linf", attacks: Sequence[str] | str = ("apgd-ce", "apgd-t"),
+                    num_steps: int = 100, restarts: int = 1, step_size: float | None = None,
+                    num_targets: int = apgd_lib.DEFAULT_NUM_TARGETS, mesh=None, seed: int = 0,
+                    params: Any = None, batch_size: int | None = None) -> RobustResult:
+  """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
+
+  Args:
+    logits_fn: `logits_fn(images)` or, when the batches carry 'domain',
+      `logits_fn(images, domain)` -> logits [b, K]. With `params` given it is called as
+      `logits_fn(params, images[, domain])` and `params` is passed to the compiled function as an
+      argument (replicated), so new parameters (e.g. during training) reuse the compilation.
+      Compiled stages are cached by (logits_fn, attack, norm, num_steps, restarts, mesh; eps and
+      step size are traced): pass the same function object across calls to compile once.
+    batches: iterable of dicts: 'image' [b, H, W, C] float32 in [0, 1], 'label' [b] int,
+      optional 'mask' [b] bool (False = padding, ignored), optional 'domain' (any per-example
+      array, e.g. int [b] or mixing weights [b, D]). Batch sizes may vary.
+    eps: threat-model radius in pixels (l_inf: [0, 1]; l_2: >= 0). eps = 0 skips no work but
+      returns robust == clean_correct.
+    norm: "linf" or "l2".
+    attacks: names among "pgd" (PGD-k, CE, step 2.5 eps / k unless `step_size`), "apgd-ce",
+      "apgd-dlr", "apgd-t" (targeted DLR over `num_targets` runner-up classes, one stage per
+      target), or "autoattack" (= "apgd-ce", "apgd-t": AutoAttack's white-box core only).
+    num_steps: iterations of every attack (PGD-k's k; APGD's N, 100 in AutoAttack).
+    restarts: random restarts of every attack.
+    mesh: a `jax.sharding.Mesh` with a `data` axis (default `parallel.make_mesh()`: all devices).
+    seed: random starts use fold_in(fold_in(PRNGKey(seed), attack position), example index).
+    batch_size: examples per compiled call (default: the first batch's size), rounded up to a
+      multiple of the number of devices.
+
+  Returns:
+    A `RobustResult` (accuracies, per-example flags, the attacks and their settings).
+  """
+  names = _expand_attacks(attacks)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts)
+  if jax.process_count() > 1:
+    raise ValueError("robust_accuracy is single-process; run it per process and sum the counts")
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  n_dev = mesh.devices.size
+  has_params = params is not None
+  params_arg = params if has_params else jnp.zeros((), jnp.float32)
+  params_dev = jax.device_put(params_arg, parallel.replicated(mesh))
+  base_key = jax.random.PRNGKey(seed)
+  attack_keys = [jax.device_put(jax.random.fold_in(base_key, j), parallel.replicated(mesh))
+                 for j in range(len(names))]
+  eps = float(eps)
+
+  stages: list[tuple[int, str, int]] = []  # (attack position, attack name, rank); -1 = clean
+  settings_out: list[dict] = []
+  queues: list[_Queue] = []
+  state = dict(b=None, has_domain=None, num_classes=None, n=0)
+  clean_correct: list[bool] = []
+  broken_by: list[int] = []
+
+  def setup(first: dict):
+    has_domain = "domain" in first
+    b = batch_size if batch_size is not None else len(first["label"])
+    if int(b) != b or b < 1:
+      raise ValueError(f"batch_size must be an integer >= 1, got batch_size={b}")
+    b = parallel.pad_to_multiple(int(b), n_dev)
+    spec_img = jax.ShapeDtypeStruct((b,) + first["image"].shape[1:], jnp.float32)
+    spec_dom = (jax.ShapeDtypeStruct((b,) + first["domain"].shape[1:], first["domain"].dtype)
+                if has_domain else None)
+    key_c = ("num_classes", logits_fn, has_params, spec_img.shape,
+             None if spec_dom is None else (spec_dom.shape, str(spec_dom.dtype)))
+    num_classes = _cached(key_c, lambda: int(jax.eval_shape(
+        lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain)(x),
+        params_arg, spec_img, spec_dom).shape[-1]))
+    state.update(b=b, has_domain=has_domain, num_classes=num_classes)
+    stages.append((-1, "clean", 0))
+    for j, a in enumerate(names):
+      s = dict(name=a, norm=norm, eps=eps, num_steps=int(num_steps), restarts=int(restarts))
+      if a == "pgd":
+        s.update(loss="ce", step_size=(2.5 * eps / num_steps if step_size is None
+                                       else float(step_size)))
+        stages.append((j, a, 0))
+      elif a in ("apgd-ce", "apgd-dlr"):
+        s.update(loss=a[5:])
+        if a == "apgd-dlr" and num_classes < 3:
+          raise ValueError(f"apgd-dlr needs >= 3 classes, got num_classes={num_classes}")
+        stages.append((j, a, 0))
+      else:
+        n_t = apgd_lib.num_apgd_targets(num_classes, num_targets)
+        s.update(loss="dlr-targeted", num_targets=n_t)
+        stages.extend((j, a, r) for r in range(n_t))
+      settings_out.append(s)
+    queues.extend(_Queue() for _ in stages)
+
+  def compiled(stage):
+    j, a, _ = stage
+    hd = state["has_domain"]
+    if a == "clean":
+      return _cached(("clean", logits_fn, has_params, hd, mesh),
+                     lambda: _clean_fn(logits_fn, has_params, hd, mesh))
+    s = settings_out[j]
+    static = {k: s[k] for k in ("norm", "num_steps", "restarts")}
+    return _cached(("attack", a, tuple(sorted(static.items())), logits_fn, has_params, hd, mesh),
+                   lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static))
+
+  def run_stage(k: int, rows: dict) -> np.ndarray:
+    sharding = parallel.batch_sharding(mesh)
+    b = state["b"]
+    rows = _pad(rows, b)
+    dev = {key: jax.device_put(v, sharding) for key, v in rows.items()}
+    domain = dev["domain"] if state["has_domain"] else jax.device_put(
+        np.zeros((b,), np.float32), sharding)
+    j, a, rank = stages[k]
+    fn = compiled(stages[k])
+    if a == "clean":
+      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"])
+    else:
+      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["index"],
+               attack_keys[j], np.int32(rank), np.float32(eps),
+               np.float32(settings_out[j].get("step_size", 0.0)))
+    return np.asarray(out)[: int(rows["mask"].sum())]
+
+  def drain(flush: bool):
+    while True:
+      ready = []
+      for k, q in enumerate(queues):
+        if q.size >= state["b"]:
+          ready.append(k)
+        elif flush and q.size and all(queues[i].size == 0 for i in range(k)):
+          ready.append(k)
+      if not ready:
+        return
+      k = max(ready)
+      rows = queues[k].pop(state["b"])
+      survived = run_stage(k, rows)
+      j = stages[k][0]
+      for i, ok in zip(rows["index"].tolist(), survived.tolist()):
+        if j < 0:
+          clean_correct[i] = ok
+        elif not ok:
+          broken_by[i] = j
+      if k + 1 < len(stages):
+        queues[k + 1].push({key: v[survived] for key, v in rows.items()})
+
+  for batch in batches:
+    images = np.asarray(batch["image"], np.float32)
+    labels = np.asarray(batch["label"]).astype(np.int32)
+    if images.ndim < 2 or labels.shape != images.shape[:1]:
+      raise ValueError(f"batch 'image' [b, ...] and 'label' [b] disagree: image shape "
+                       f"{images.shape}, label shape {labels.shape}")
+    keep = (np.ones(len(labels), bool) if batch.get("mask") is None
+            else np.asarray(batch["mask"]).astype(bool))
+    rows = dict(image=images[keep], label=labels[keep])
+    if "domain" in batch:
+      rows["domain"] = np.asarray(batch["domain"])[keep]
+    if not stages:
+      setup(dict(batch, image=images, label=labels))
+    if ("domain" in rows) != state["has_domain"]:
+      raise ValueError("either every batch or none must carry 'domain'")
+    pgd_lib.check_data(rows["image"], rows["label"], state["num_classes"])
+    m = len(rows["label"])
+    rows["index"] = np.arange(state["n"], state["n"] + m, dtype=np.int32)
+    state["n"] += m
+    clean_correct.extend([False] * m)
+    broken_by.extend([-1] * m)
+    queues[0].push(rows)
+    drain(flush=False)
+  if not stages or state["n"] == 0:
+    raise ValueError("robust_accuracy got no (unmasked) examples")
+  drain(flush=True)
+
+  cc = np.asarray(clean_correct, bool)
+  bb = np.asarray(broken_by, np.int32)
+  robust = cc & (bb < 0)
+  after = tuple(float(np.mean(cc & ((bb < 0) | (bb > j)))) for j in range(len(names)))
+  return RobustResult(
+      clean_accuracy=float(cc.mean()), robust_accuracy=float(robust.mean()), clean_correct=cc,
+      robust=robust, broken_by=bb, accuracy_after=after, attacks=tuple(settings_out),
+      num_examples=int(state["n"]))

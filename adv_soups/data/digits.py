@@ -1,0 +1,102 @@
+"""The `digits` TFDS builder: scikit-learn's bundled handwritten digits (no download needed).
+
+1,797 greyscale 8x8 images (UCI optical digits, values 0..16) in 10 classes, stored as uint8
+(8, 8, 1) images scaled by round(v * 255 / 16) (0 -> 0, 8 -> 128, 16 -> 255).
+
+The split is fixed and independent of any library's random generator: within each class, examples
+are ordered by the SHA-256 of the string f"digits-{i}" (i = index in `sklearn.datasets.load_digits`),
+and the first k_c of that order go to `test`. k_c is the class's share of 360 test examples: floor(
+n_c * 360 / 1797), with the remainder handed out one each to the classes with the largest
+fractional parts (ties: smaller class label first). So `test` has 360 examples (~20%, stratified)
+and `train` 1,437. Every example also carries `index`, its position in `load_digits`.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NUM_TRAIN = 1437
+NUM_TEST = 360
+
+
+def scaled_images() -> tuple[np.ndarray, np.ndarray]:
+  """sklearn's digits as (images uint8 [1797, 8, 8, 1] in 0..255, labels int64 [1797])."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.floor(digits.images * 255.0 / 16.0 + 0.5).astype(np.uint8)[..., None]
+  return images, digits.target.astype(np.int64)
+
+
+def split_indices(labels: np.ndarray, num_test: int = NUM_TEST) -> tuple[np.ndarray, np.ndarray]:
+  """(train indices, test indices), each sorted, by the rule in the module docstring."""
+  n = len(labels)
+  classes = np.unique(labels)
+  counts = np.array([(labels == c).sum() for c in classes])
+  exact = counts * num_test / n
+  take = np.floor(exact).astype(int)
+  remainder = num_test - take.sum()
+  # Largest fractional part first; np.lexsort's last key is the primary one, ties by class.
+  order = np.lexsort((classes, -(exact - take)))
+  take[order[:remainder]] += 1
+  test = []
+  for c, k in zip(classes, take):
+    members = np.flatnonzero(labels == c)
+    members = sorted(members, key=lambda i: hashlib.sha256(f"digits-{i}".encode()).hexdigest())
+    test.extend(members[:k])
+  test = np.sort(np.asarray(test, dtype=np.int64))
+  train = np.setdiff1d(np.arange(n), test)
+  return train, test
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's 8x8 handwritten digits; fixed stratified train (1,437) / test (360) split."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "index": tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    images, labels = scaled_images()
+    train, test = split_indices(labels)
+    return {
+        "train": self._generate_examples(images, labels, train),
+        "test": self._generate_examples(images, labels, test),
+    }
+
+  def _generate_examples(self, images, labels, indices):
+    for i in indices:
+      yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}
+
+
+def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The digits builder in `data_dir` (None = TFDS default), prepared if needed.
+
+  Only process 0 writes; in multi-process runs every process waits at a barrier afterwards (all
+  processes must call this together). A process that still finds no data after the barrier (its
+  data_dir is a local disk, not shared with process 0) prepares its own identical copy.
+  """
+  import jax
+  builder = Digits(data_dir=data_dir)
+  if jax.process_index() == 0 and not builder.is_prepared():
+    builder.download_and_prepare()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("adv_soups.data.digits prepared")
+    builder = Digits(data_dir=data_dir)  # re-read the info process 0 wrote
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+  return builder

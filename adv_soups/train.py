@@ -1,0 +1,430 @@
+"""Clean/adversarial co-training of a ViT with domain adapters (the paper's method).
+
+  python -m adv_soups.train --config=configs/digits.py --workdir=workdirs/digits \
+      [--config.train.steps=100 ...] [--overwrite]
+
+Re-running the same command on an existing workdir resumes from its latest checkpoint. Sections:
+config, train state and optimizer, the train step, checkpointing, the loop, the command line.
+
+Parallelism ("the pmap'd PGD inside the jitted step", in current JAX): the train step is one
+`jax.jit` over a `Mesh` with a `data` axis; the batch is sharded `P('data')`, the state replicated.
+PGD is per example, so XLA runs it on each device's shard with no communication; the only
+collective is the gradient all-reduce XLA inserts for the replicated parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import flags, logging
+from clu import metric_writers, periodic_actions
+from ml_collections import config_flags
+
+from adv_soups import checkpoints as ckpt_lib
+from adv_soups import data as data_lib
+from adv_soups import evaluate, parallel, workdir as workdir_lib
+from adv_soups.attacks import pgd
+from adv_soups.models import create_model, init_params
+
+MODES = ("cotrain", "adversarial", "clean")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+NORMS = ("linf", "l2")
+CLEAN, ADVERSARIAL = 0, 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates `config` and fills what follows from it; returns a new, resolved ConfigDict.
+
+  Fills: model.num_domains = 1 for the single-domain modes (clean, adversarial); data.image_size
+  from model.image_size; attack.step_size = 2.5 * eps / num_steps when None. Raises ValueError with
+  one line naming the bad value and what is allowed.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  train, opt, attack = config.train, config.optimizer, config.attack
+  if train.mode not in MODES:
+    raise ValueError(f"unknown config.train.mode {train.mode!r}: allowed {list(MODES)}")
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"unknown config.optimizer.name {opt.name!r}: allowed {list(OPTIMIZERS)}")
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"unknown config.optimizer.schedule {opt.schedule!r}: allowed "
+                     f"{list(SCHEDULES)}")
+  if attack.norm not in NORMS:
+    raise ValueError(f"unknown config.attack.norm {attack.norm!r}: allowed {list(NORMS)}")
+  num_classes, shape = data_lib.dataset_info(config.data.name, config.model.image_size)
+  if config.model.num_classes != num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
+                     f"{config.data.name!r} has {num_classes} classes")
+  for name, value, low in (("train.steps", train.steps, 1), ("train.batch_size", train.batch_size, 1),
+                           ("train.log_every", train.log_every, 1),
+                           ("train.eval_every", train.eval_every, 0),
+                           ("train.checkpoint_every", train.checkpoint_every, 0),
+                           ("attack.num_steps", attack.num_steps, 1),
+                           ("eval.attack_steps", config.eval.attack_steps, 1)):
+    if not isinstance(value, int) or value < low:
+      raise ValueError(f"config.{name} must be an integer >= {low}, got {value!r}")
+  n_devices = jax.device_count()
+  if train.batch_size % n_devices:
+    raise ValueError(f"config.train.batch_size={train.batch_size} must be a multiple of the "
+                     f"{n_devices} devices")
+  if not (0 <= attack.eps <= (1 if attack.norm == "linf" else float("inf"))):
+    raise ValueError(f"config.attack.eps={attack.eps} is outside the allowed range for "
+                     f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
+  if train.mode != "cotrain":
+    config.model.num_domains = 1  # single-domain model: evaluate it with domain 0
+  elif config.model.num_domains < 2:
+    raise ValueError(f"config.model.num_domains={config.model.num_domains}: cotrain needs >= 2")
+  config.data.image_size = config.model.image_size
+  if attack.step_size is None:
+    attack.step_size = 2.5 * attack.eps / attack.num_steps
+  create_model(config.model)  # validates the model fields
+  config.model.channels = shape[-1]
+  return config
+
+
+def adversarial_domain(config: ml_collections.ConfigDict) -> int:
+  """The domain whose adapter is attacked and hardened: 1 in cotrain, 0 for one-domain models."""
+  return ADVERSARIAL if config.model.num_domains > 1 else CLEAN
+
+
+# ------------------------------------------------------------------------------------------------
+# Train state and optimizer.
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # None without EMA
+  rng: jax.Array   # key data (uint32), folded with the step for each step's randomness
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for the leaves that get weight decay: dense/conv kernels only (not biases, norm scales,
+  position embeddings or class tokens)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", path[-1])).endswith("kernel"), params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `opt.learning_rate`, then cosine decay to 0 (or constant)."""
+  warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+  if opt.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
+         optax.constant_schedule(opt.learning_rate)], [warmup])
+  return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, total_steps)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (or SGD with momentum) with warmup + cosine, global-norm clipping, masked decay."""
+  schedule = learning_rate_schedule(opt, total_steps)
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                       mask=weight_decay_mask)
+  else:
+    core = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+                       optax.sgd(schedule, momentum=opt.momentum))
+  if opt.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
+  return core
+
+
+def init_state(config: ml_collections.ConfigDict, model, optimizer) -> TrainState:
+  """Fresh parameters and optimizer state from `config.seed`."""
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  params = init_params(model, init_rng, config.model.channels)
+  ema = params if config.optimizer.ema_decay else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema_params=ema,
+                    rng=jax.random.key_data(train_rng))
+
+
+# ------------------------------------------------------------------------------------------------
+# The train step.
+
+def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
+  """The jitted step `(state, batch) -> (state, metrics)` for `config.train.mode`.
+
+  `batch`: {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}, sharded over `data`.
+  cotrain: loss = clean_weight * CE(f(x, 0), y) + adv_weight * CE(f(x_adv, 1), y), with x_adv
+  from PGD against domain 1 under the current (frozen) parameters; both halves run as one batch
+  of 2B, interleaved per example so each device keeps its own examples. adversarial: CE on x_adv
+  only (one domain). clean: CE on x only.
+  """
+  mode, attack = config.train.mode, config.attack
+  weights = jnp.asarray([config.train.clean_weight, config.train.adv_weight], jnp.float32)
+  smoothing = config.train.label_smoothing
+  num_classes = config.model.num_classes
+  ema_decay = config.optimizer.ema_decay
+  adv_domain = adversarial_domain(config)
+
+  def craft(params, images, labels, rng):
+    domain = jnp.full(labels.shape, adv_domain, jnp.int32)
+    logits_fn = lambda x: model.apply({"params": params}, x, domain, train=False)
+    return pgd(logits_fn, images, labels, rng, eps=attack.eps, num_steps=attack.num_steps,
+               step_size=attack.step_size, norm=attack.norm)
+
+  def step_fn(state: TrainState, batch):
+    images, labels = batch["image"], batch["label"]
+    size = labels.shape[0]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    attack_rng, dropout_rng = jax.random.split(rng)
+    if mode == "cotrain":
+      x_adv = craft(jax.lax.stop_gradient(state.params), images, labels, attack_rng)
+      inputs = jnp.stack([images, x_adv], axis=1).reshape((2 * size,) + images.shape[1:])
+      domains = jnp.tile(jnp.asarray([CLEAN, ADVERSARIAL], jnp.int32), size)
+      targets = jnp.repeat(labels, 2)
+      example_weights = jnp.tile(weights, size)
+    elif mode == "adversarial":
+      inputs = craft(jax.lax.stop_gradient(state.params), images, labels, attack_rng)
+      domains, targets = jnp.zeros_like(labels), labels
+      example_weights = jnp.ones((size,), jnp.float32)
+    else:
+      inputs, domains, targets = images, jnp.zeros_like(labels), labels
+      example_weights = jnp.ones((size,), jnp.float32)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, inputs, domains, train=True,
+                           rngs={"dropout": dropout_rng})
+      one_hot = optax.smooth_labels(jax.nn.one_hot(targets, num_classes), smoothing)
+      per_example = optax.softmax_cross_entropy(logits, one_hot)
+      return jnp.sum(per_example * example_weights) / size, (logits, per_example)
+
+    (loss, (logits, per_example)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if mode == "cotrain":
+      metrics.update(clean_loss=per_example[0::2].mean(), adv_loss=per_example[1::2].mean(),
+                     clean_train_accuracy=correct[0::2].mean(),
+                     adv_train_accuracy=correct[1::2].mean())
+    else:
+      metrics["train_accuracy"] = correct.mean()
+    metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpointing: orbax for the arrays, the tf.data iterator state beside it.
+
+def data_state_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "data_state", str(step))
+
+
+def save_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainState,
+                    train_iter: data_lib.TrainIterator) -> int:
+  """Saves the state and the input position at `state.step`; prunes stale data states."""
+  step = int(state.step)
+  train_iter.save(data_state_dir(workdir, step))
+  manager.save(step, {"rng": np.asarray(state.rng).tolist(),
+                      "batches_consumed": train_iter.batches_consumed},
+               params=state.params, opt_state=state.opt_state, ema_params=state.ema_params)
+  keep = {str(s) for s in manager.all_steps()}
+  root = os.path.join(workdir, "data_state")
+  if jax.process_index() == 0:
+    for name in tf.io.gfile.listdir(root):
+      if name.rstrip("/") not in keep:
+        tf.io.gfile.rmtree(os.path.join(root, name.rstrip("/")))
+  return step
+
+
+def restore_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainState,
+                       train_iter: data_lib.TrainIterator) -> TrainState:
+  """The latest checkpoint's state (into `state`'s structure and shardings); moves `train_iter`
+  to the same position."""
+  step = manager.latest_step()
+  items = ("params", "opt_state") + (("ema_params",) if state.ema_params is not None else ())
+  restored = manager.restore(step, targets={name: getattr(state, name) for name in items},
+                             items=items)
+  meta = restored["meta"]
+  train_iter.restore(data_state_dir(workdir, step))
+  if train_iter.batches_consumed != meta["batches_consumed"]:
+    raise RuntimeError(f"input-pipeline state of step {step} is at batch "
+                       f"{train_iter.batches_consumed}, expected {meta['batches_consumed']}")
+  rng = jax.device_put(np.asarray(meta["rng"], np.uint32), state.rng.sharding)
+  return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
+                       rng=rng, **{name: restored[name] for name in items})
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train_and_evaluate` returns: the final state and the last evaluation's metrics."""
+  state: TrainState
+  eval_metrics: dict[str, float]
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches pending per-step metrics; raises FloatingPointError naming the first bad step."""
+  fetched = [(step, jax.device_get(m)) for step, m in pending]
+  for step, m in fetched:
+    if not bool(m["finite"]):
+      raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, "
+                               f"grad_norm={m['grad_norm']}); the last checkpoint is untouched")
+  return fetched
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+  """Trains per `config` (resolved or not) in `workdir`, resuming from its latest checkpoint."""
+  config = resolve_config(config)
+  mesh = mesh or parallel.make_mesh()
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir, config)
+  train_cfg = config.train
+  model = create_model(config.model)
+  optimizer = make_optimizer(config.optimizer, train_cfg.steps)
+  train_step = make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(init_state(config, model, optimizer), parallel.replicated(mesh))
+  train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
+                                       seed=config.seed)
+  manager = ckpt_lib.Checkpoints(workdir, max_to_keep=train_cfg.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = restore_checkpoint(manager, workdir, state, train_iter)
+    logging.info("Resumed from step %d of %s", int(state.step), workdir)
+  start = int(state.step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams(_flat_hparams(config))
+  progress = periodic_actions.ReportProgress(num_train_steps=train_cfg.steps, writer=writer,
+                                             every_secs=None, every_steps=train_cfg.log_every)
+  pending: list[tuple[int, dict]] = []
+  eval_metrics: dict[str, float] = {}
+  t0, images_seen = time.time(), 0
+  for step in range(start + 1, train_cfg.steps + 1):
+    batch = parallel.shard_batch(mesh, next(train_iter))
+    state, metrics = train_step(state, batch)
+    pending.append((step, metrics))
+    images_seen += train_cfg.batch_size
+    progress(step)
+    last = step == train_cfg.steps
+    if step % train_cfg.log_every == 0 or last or len(pending) >= 10:
+      fetched = _check_finite(pending)  # also paces dispatch (XLA:CPU collectives on jax 0.10)
+      pending = []
+      if step % train_cfg.log_every == 0 or last:
+        summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]
+                   if k != "finite"}
+        summary["learning_rate"] = float(learning_rate_schedule(config.optimizer,
+                                                                train_cfg.steps)(step - 1))
+        summary["images_per_sec"] = images_seen / (time.time() - t0)
+        writer.write_scalars(step, summary)
+        t0, images_seen = time.time(), 0
+    do_eval = (train_cfg.eval_every and step % train_cfg.eval_every == 0) or last
+    do_save = (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or last
+    if do_eval:
+      eval_metrics = evaluate.evaluate_during_training(config, model, _eval_params(state), mesh)
+      writer.write_scalars(step, eval_metrics)
+    if do_save:
+      _check_finite(pending)  # never save a non-finite state
+      save_checkpoint(manager, workdir, state, train_iter)
+    if do_eval or do_save:
+      t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
+  writer.flush()
+  manager.close()
+  return TrainResult(state=state, eval_metrics=eval_metrics)
+
+
+def _eval_params(state: TrainState) -> Any:
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        walk(f"{prefix}{k}.", v)
+    else:
+      flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+  walk("", config.to_dict())
+  return flat
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Start afresh: move an existing run aside into WORKDIR/previous_runs/.")
+
+
+def _quiet_logging() -> None:
+  """INFO logs from us and clu; only warnings from the chatty libraries (orbax, TFDS, TF)."""
+  import logging as py_logging
+  logging.set_verbosity(logging.INFO)
+  logging.use_absl_handler()
+  noisy = ("orbax", "tensorflow_datasets", "tensorflow/", "etils")
+  quiet = lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy)
+  for handler in py_logging.getLogger().handlers:
+    handler.addFilter(quiet)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Parses flags, validates the config (one line and exit 2 on bad input), then trains."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    extra = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  if len(extra) > 1:
+    _fail(f"unexpected arguments {extra[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    _fail("both --config=configs/NAME.py and --workdir=DIR are required")
+  workdir = _WORKDIR.value
+  try:
+    config = resolve_config(_CONFIG.value)
+  except ValueError as e:
+    _fail(str(e))
+  _quiet_logging()
+  if _OVERWRITE.value:
+    moved = workdir_lib.move_aside(workdir)
+    if moved:
+      print(f"moved the previous run aside to {moved}", file=sys.stderr)
+  elif os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
+    diffs = workdir_lib.config_differences(saved, workdir_lib.config_to_dict(config))
+    if diffs:
+      _fail(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+            "resume with the same config, use a new --workdir, or pass --overwrite")
+  result = train_and_evaluate(config, workdir)
+  print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())))
+
+
+if __name__ == "__main__":
+  main()

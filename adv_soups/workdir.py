@@ -1,0 +1,77 @@
+"""A run's workdir: its resolved config (config.json) and moving a previous run aside.
+
+Layout: config.json, checkpoints/ (orbax, see checkpoints.py), data_state/<step>/ (input-pipeline
+position for each checkpoint), events files (TensorBoard), sweep/ and eval/ (reports).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+import ml_collections
+import tensorflow as tf
+
+CONFIG_FILE = "config.json"
+PREVIOUS_RUNS = "previous_runs"
+
+
+def _normalise(value: Any) -> Any:
+  """JSON's view of a value (tuples become lists), so configs compare after a round trip."""
+  return json.loads(json.dumps(value))
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A plain, JSON-compatible dict of `config`."""
+  return _normalise(config.to_dict())
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Writes `workdir/config.json` (atomically: a temp file, then a rename); returns its path."""
+  tf.io.gfile.makedirs(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `workdir/config.json` (local path or any tf.io.gfile URL)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training workdir?")
+  with tf.io.gfile.GFile(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two config dicts."""
+  keys = sorted(set(old) | set(new))
+  diffs = []
+  for key in keys:
+    a, b = old.get(key), new.get(key)
+    name = f"{prefix}{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += config_differences(a, b, name + ".")
+    elif _normalise(a) != _normalise(b):
+      diffs.append(f"{name}: {a!r} -> {b!r}")
+  return diffs
+
+
+def move_aside(workdir: str) -> str | None:
+  """Moves everything in `workdir` (but earlier moved-aside runs) into
+  `workdir/previous_runs/<timestamp>/`; returns that folder, or None if there was nothing."""
+  if not tf.io.gfile.isdir(workdir):
+    return None
+  entries = [e.rstrip("/") for e in tf.io.gfile.listdir(workdir) if e.rstrip("/") != PREVIOUS_RUNS]
+  if not entries:
+    return None
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+  target = os.path.join(workdir, PREVIOUS_RUNS, stamp)
+  tf.io.gfile.makedirs(target)
+  for entry in entries:
+    tf.io.gfile.rename(os.path.join(workdir, entry), os.path.join(target, entry))
+  return target

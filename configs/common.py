@@ -1,0 +1,57 @@
+"""Fields shared by every training config; each config file fills in its own values.
+
+Every field is overridable from the command line, e.g. `--config.train.steps=100`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full set of fields `adv_soups.train` reads, with neutral defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      variant="tiny/4", num_classes=10, adapter="token", num_domains=2, image_size=32,
+      mean=(0.5,), std=(0.5,), dropout_rate=0.0, drop_path_rate=0.0, dtype="float32",
+      # Optional overrides of the variant's sizes (None = the variant's).
+      patch_size=None, width=None, depth=None, num_heads=None, mlp_dim=None))
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="digits", data_dir=None, image_size=None, shuffle_buffer=10_000, crop_min_scale=0.08,
+      prefetch=2))
+
+  config.train = ml_collections.ConfigDict(dict(
+      mode="cotrain",          # cotrain | adversarial | clean
+      steps=1000,              # total optimizer steps
+      batch_size=128,          # global, images drawn from the data (each seen clean AND adv)
+      clean_weight=1.0,        # cotrain loss = clean_weight * CE(clean) + adv_weight * CE(adv)
+      adv_weight=1.0,          # (our default, AdvProp's sum; the paper gives no weights)
+      label_smoothing=0.0,
+      log_every=50,
+      eval_every=500,          # 0 = only at the end
+      checkpoint_every=500,    # and always at the end
+      keep_checkpoints=3))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",            # adamw | sgd
+      learning_rate=1e-3,      # peak, after warmup
+      warmup_steps=100,
+      schedule="cosine",       # cosine | constant (after warmup)
+      b1=0.9, b2=0.999,        # adamw
+      momentum=0.9,            # sgd
+      weight_decay=1e-4,       # decoupled; only on kernels (not biases, norms, pos. emb., tokens)
+      grad_clip_norm=1.0,      # 0 = off
+      ema_decay=0.0))          # 0 = no EMA; else evaluation uses the EMA parameters
+
+  config.attack = ml_collections.ConfigDict(dict(
+      norm="linf",
+      eps=8 / 255,
+      num_steps=10,
+      step_size=None))         # None = 2.5 * eps / num_steps (Madry et al.)
+
+  config.eval = ml_collections.ConfigDict(dict(
+      split=None,              # None = the dataset's evaluation split
+      num_examples=None,       # None = the whole split
+      batch_size=256,
+      attack_steps=10))        # PGD-k for the periodic robust accuracy (a quick check, not AA)
+  return config
