@@ -1,2 +1,15 @@
-"""adv_soups: clean/adversarial co-training of ViTs with domain adapters, and adapter soups."""
+"""adv_soups: clean/adversarial co-training of ViTs with domain adapters, and adapter soups.
+
+`adv_soups.load(workdir)` returns a trained model (predict / soup / attack at any alpha); see
+`adv_soups.loading`. Submodules are imported lazily, so `import adv_soups` stays cheap.
+"""
 __version__ = "0.1.0"
+
+
+def load(workdir: str, step: int | None = None):
+  """The trained model of `workdir` at checkpoint `step` (default latest): see `loading.load`."""
+  from adv_soups import loading
+  return loading.load(workdir, step)
+
+
+__all__ = ["__version__", "load"]

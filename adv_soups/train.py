@@ -31,6 +31,7 @@ from clu import metric_writers, periodic_actions
 from ml_collections import config_flags
 
 from adv_soups import checkpoints as ckpt_lib
+from adv_soups.cli import fail as _fail
 from adv_soups import data as data_lib
 from adv_soups import evaluate, parallel, workdir as workdir_lib
 from adv_soups.attacks import pgd
@@ -147,7 +148,7 @@ def init_state(config: ml_collections.ConfigDict, model, optimizer) -> TrainStat
   """Fresh parameters and optimizer state from `config.seed`."""
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   params = init_params(model, init_rng, config.model.channels)
-  ema = params if config.optimizer.ema_decay else None
+  ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay else None  # own buffers (donation)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema_params=ema,
                     rng=jax.random.key_data(train_rng))
@@ -346,6 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       save_checkpoint(manager, workdir, state, train_iter)
     if do_eval or do_save:
       t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
+  if start >= train_cfg.steps:  # a finished run: report its evaluation again
+    logging.info("%s is already trained to step %d", workdir, start)
+    eval_metrics = evaluate.evaluate_during_training(config, model, _eval_params(state), mesh)
   writer.flush()
   manager.close()
   return TrainResult(state=state, eval_metrics=eval_metrics)
@@ -390,9 +394,19 @@ def _quiet_logging() -> None:
     handler.addFilter(quiet)
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """With `overwrite`, moves an earlier run aside (never deletes it); else checks that an earlier
+  run in `workdir` has the same resolved config, so re-running resumes it. ValueError if not."""
+  if overwrite:
+    moved = workdir_lib.move_aside(workdir)
+    if moved:
+      print(f"moved the previous run aside to {moved}", file=sys.stderr)
+  elif tf.io.gfile.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
+    diffs = workdir_lib.config_differences(saved, workdir_lib.config_to_dict(config))
+    if diffs:
+      raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                       "resume with the same config, use a new --workdir, or pass --overwrite")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -411,17 +425,11 @@ def main(argv: list[str] | None = None) -> None:
     config = resolve_config(_CONFIG.value)
   except ValueError as e:
     _fail(str(e))
+  try:
+    prepare_workdir(config, workdir, overwrite=_OVERWRITE.value)
+  except ValueError as e:
+    _fail(str(e))
   _quiet_logging()
-  if _OVERWRITE.value:
-    moved = workdir_lib.move_aside(workdir)
-    if moved:
-      print(f"moved the previous run aside to {moved}", file=sys.stderr)
-  elif os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-    saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
-    diffs = workdir_lib.config_differences(saved, workdir_lib.config_to_dict(config))
-    if diffs:
-      _fail(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
-            "resume with the same config, use a new --workdir, or pass --overwrite")
   result = train_and_evaluate(config, workdir)
   print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())))
 

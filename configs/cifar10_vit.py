@@ -8,12 +8,12 @@ network). ViT-S/4 at 32 px (64 tokens); PGD-10 during training (project default 
 PAPER.md B). About a day on one modern GPU for 100k steps of batch 512; expect roughly 85-90%
 clean (clean mode) and 45-55% PGD robust accuracy (robust mode): not measured here.
 """
-from configs import common
+from adv_soups import config_base
 
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
+  config = config_base.base_config()
   config.model.update(variant="S/4", image_size=32, num_classes=10, drop_path_rate=0.1)
   config.data.update(name="cifar10", shuffle_buffer=20_000)
   config.train.update(mode="cotrain", steps=100_000, batch_size=512, label_smoothing=0.1,

@@ -7,18 +7,18 @@ with 17 grey levels, so ImageNet's 4/255 would be a fraction of one level. Expec
 see README): clean mode ~96% clean accuracy, robust mode ~70% PGD-20 accuracy at eps 0.1.
 `get_config("mode=clean")` or `--config.train.mode=clean` selects another training mode.
 """
-from configs import common
+from adv_soups import config_base
 
 
 def get_config(arg=None):
-  config = common.base_config()
+  config = config_base.base_config()
   config.seed = 0
   config.model.update(variant="tiny/2", image_size=8, num_classes=10, width=64, depth=2,
                       num_heads=4, mlp_dim=128)
   config.data.update(name="digits", shuffle_buffer=2048)
   config.train.update(mode="cotrain", steps=600, batch_size=128, log_every=50, eval_every=200,
                       checkpoint_every=200)
-  config.optimizer.update(learning_rate=2e-3, warmup_steps=50, weight_decay=1e-4, b2=0.99)
+  config.optimizer.update(learning_rate=5e-3, warmup_steps=50, weight_decay=1e-4, b2=0.99)
   # Training attack: PGD-5, step 2.5 * eps / 5 (project default for digits, see PAPER.md B).
   config.attack.update(norm="linf", eps=0.1, num_steps=5)
   config.eval.update(batch_size=360, attack_steps=20)

@@ -11,14 +11,14 @@ choice where the paper is silent (PAPER.md section B): batch 4096, base LR 1e-4 
 Not implemented yet: RandAugment(2, 9) and mixup/cutmix (the paper uses timm's RandAugment).
 Expected (paper): clean mode 83.76% top-1 on ImageNet. Cost: TPU-pod scale (days on v4-256).
 """
-from configs import common
+from adv_soups import config_base
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
+  config = config_base.base_config()
   batch = 4096
   epochs = 300  # paper
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch

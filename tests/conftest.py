@@ -9,3 +9,61 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+
+def tiny_digits_config(data_dir, **train_overrides):
+  """configs/digits.py shrunk for tests: a 1-block ViT (width 32), short run, small evaluation."""
+  from configs import digits  # cwd is the repo root under pytest
+  config = digits.get_config()
+  config.data.data_dir = str(data_dir)
+  config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
+  config.train.update(dict(dict(steps=150, batch_size=64, log_every=50, eval_every=0,
+                                checkpoint_every=0), **train_overrides))
+  # eps 0.03 and a short warmup at a higher rate: at the digits default (eps 0.1) this tiny ViT
+  # barely learns in 150 steps, and a sweep over a collapsed model would test little.
+  config.attack.update(num_steps=2, eps=0.03)
+  config.optimizer.update(learning_rate=5e-3, warmup_steps=10)
+  config.eval.update(num_examples=64, batch_size=64, attack_steps=2)
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """(workdir, data_dir) of a tiny digits co-training run, trained once per test session."""
+  from adv_soups import train
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  workdir = str(tmp_path_factory.mktemp("trained") / "workdir")
+  train.train_and_evaluate(tiny_digits_config(data_dir), workdir)
+  return workdir, data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(trained_run):
+  """The workdir of `trained_run` (config.json + checkpoint of a tiny co-trained digits ViT)."""
+  return trained_run[0]
+
+
+def write_untrained_workdir(workdir, config, step=1):
+  """config.json + one checkpoint of freshly initialised parameters (no training), for tests of
+  loading and evaluation that need a workdir but not a trained model. Returns the resolved config."""
+  import jax
+  from adv_soups import checkpoints, train, workdir as workdir_lib
+  from adv_soups.models import create_model, init_params
+  config = train.resolve_config(config)
+  workdir_lib.save_config(str(workdir), config)
+  params = init_params(create_model(config.model), jax.random.key(config.seed),
+                       config.model.channels)
+  manager = checkpoints.Checkpoints(str(workdir))
+  manager.save(step, {}, params=params)
+  manager.close()
+  return config
+
+
+@pytest.fixture(scope="session")
+def single_domain_workdir(trained_run, tmp_path_factory):
+  """An untrained single-domain (mode 'clean') digits workdir sharing `trained_run`'s data_dir."""
+  workdir = tmp_path_factory.mktemp("single") / "workdir"
+  write_untrained_workdir(workdir, tiny_digits_config(trained_run[1], mode="clean"))
+  return str(workdir)

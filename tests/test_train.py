@@ -183,3 +183,31 @@ def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_pat
   assert jax.tree.map(lambda x: x.shape, out_state.params) == \
       jax.tree.map(lambda x: x.shape, state.params)
   assert metrics["loss"].shape == ()
+
+
+def test_weight_decay_only_on_kernels(data_dir):
+  config = train.resolve_config(small_config(data_dir))
+  params = train.init_state(config, create_model(config.model),
+                            train.make_optimizer(config.optimizer, 10)).params
+  mask = jax.tree_util.tree_leaves_with_path(train.weight_decay_mask(params))
+  decayed = {jax.tree_util.keystr(p) for p, m in mask if m}
+  assert decayed and all(name.endswith("['kernel']") for name in decayed)
+  assert not any("pos_embedding" in n or "cls" in n or "bias" in n for n in decayed)
+
+
+def test_ema_tracks_the_parameters(data_dir):
+  config = small_config(data_dir)
+  config.optimizer.ema_decay = 0.9
+  config = train.resolve_config(config)
+  mesh = parallel.make_mesh()
+  model = create_model(config.model)
+  optimizer = train.make_optimizer(config.optimizer, 10)
+  step = train.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  start = jax.device_get(state.params)
+  batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(config.data,
+                                                                  global_batch_size=64, seed=0)))
+  state, _ = step(state, batch)
+  expected = jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, start, jax.device_get(state.params))
+  params_close(state.ema_params, expected, atol=1e-6)
+  assert train._eval_params(state) is state.ema_params

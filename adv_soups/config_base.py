@@ -1,4 +1,4 @@
-"""Fields shared by every training config; each config file fills in its own values.
+"""Fields shared by every training config (configs/*.py fill in their own values).
 
 Every field is overridable from the command line, e.g. `--config.train.steps=100`.
 """

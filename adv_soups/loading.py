@@ -1,0 +1,190 @@
+"""`adv_soups.load(workdir)`: a trained model for notebooks and scripts (predict, soup, attack).
+
+  model = adv_soups.load("workdirs/digits_demo")          # any path tf.io.gfile / epath can read
+  logits = model.predict(images, alpha=0.5)               # images float32 [B, H, W, C] in [0, 1]
+  x_adv = model.attack(images, labels, alpha=0.5)         # PGD against the soup at alpha 0.5
+  soup_model, soup_params = model.soup(0.5)               # a standalone single-domain model
+
+The workdir alone is enough: its config.json rebuilds the model and its orbax checkpoint holds the
+parameters (the EMA parameters when the run kept them). A soup at alpha is the two-domain model
+called with mixing weights [1 - alpha, alpha] (adapters are affine in their parameters, see
+`soups`), so `predict` and `attack` compile once and serve every alpha.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adv_soups import checkpoints as ckpt_lib
+from adv_soups import soups
+from adv_soups import workdir as workdir_lib
+from adv_soups.attacks import apgd as apgd_fn  # the functions (attacks/__init__ exports them)
+from adv_soups.attacks import pgd as pgd_fn
+from adv_soups.models import create_model, init_params
+
+LOAD_ATTACKS = ("pgd", "apgd-ce")
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> tuple[int, str]:
+  """(step, item) of the checkpoint to evaluate: `step` (default the latest) and 'ema_params' when
+  the run kept an EMA, else 'params'. FileNotFoundError without checkpoints; ValueError naming the
+  available steps when `step` does not exist. Reads only the checkpoint directory listing."""
+  manager = ckpt_lib.Checkpoints(workdir, create=False)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in workdir {workdir!r}: train it first")
+    if step is None:
+      step = steps[-1]
+    if step not in steps:
+      raise ValueError(f"checkpoint step {step} does not exist in {workdir!r}: available steps "
+                       f"{steps}")
+    item = "ema_params" if "ema_params" in manager.item_names(step) else "params"
+  finally:
+    manager.close()
+  return int(step), item
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A trained model from a workdir. `params` live on one device (`jax.devices()[0]`).
+
+  Attributes:
+    config: the run's resolved config (config.json).
+    model: the flax ViT (num_domains = config.model.num_domains).
+    params: the parameters (EMA parameters when the run kept them; see `params_item`).
+    step: the checkpoint's training step.
+    workdir: where it came from.
+    params_item: 'ema_params' or 'params'.
+  """
+  config: ml_collections.ConfigDict
+  model: Any
+  params: Any
+  step: int
+  workdir: str
+  params_item: str = "params"
+
+  def __post_init__(self):
+    self._predict = jax.jit(
+        lambda params, images, domain: self.model.apply({"params": params}, images, domain,
+                                                        train=False))
+    self._attacks: dict[tuple, Any] = {}
+
+  @property
+  def num_domains(self) -> int:
+    """2 for a co-trained model (alpha 0 = clean, 1 = robust mode), 1 for single-domain runs."""
+    return int(self.config.model.num_domains)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the model input."""
+    size = self.config.model.image_size
+    return (size, size, int(self.config.model.get("channels", 3) or 3))
+
+  def _check_alpha(self, alpha: Any) -> None:
+    if self.num_domains == 1 and np.any(np.asarray(alpha) != 0):
+      raise ValueError(
+          f"{self.workdir!r} holds a single-domain model (train.mode="
+          f"{self.config.train.get('mode')!r}): it has no soups, so alpha must be 0, got {alpha}")
+
+  def domain(self, alpha: Any, batch_size: int) -> np.ndarray:
+    """The per-example `domain` argument for `alpha` (a float or [B] floats): mixing weights
+    [B, 2] = [1 - alpha, alpha] for a two-domain model, int zeros [B] for a single-domain one."""
+    self._check_alpha(alpha)
+    if self.num_domains == 1:
+      return np.zeros((batch_size,), np.int32)
+    alpha = np.broadcast_to(np.asarray(alpha, np.float32), (batch_size,))
+    weights = np.zeros((batch_size, self.num_domains), np.float32)
+    weights[:, 0], weights[:, 1] = 1.0 - alpha, alpha
+    return weights
+
+  def _images(self, images: Any) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+      raise ValueError(f"images must be a batch [B, H, W, C], got shape {images.shape}; "
+                       "add a leading axis (images[None])")
+    if images.shape[1:] != self.image_shape:
+      raise ValueError(f"images must have shape [B, {', '.join(map(str, self.image_shape))}], "
+                       f"got {images.shape}")
+    return images
+
+  def predict(self, images: Any, alpha: Any = 0.0) -> jax.Array:
+    """Logits [B, K] of the soup at `alpha` (float or [B]) for float32 images [B, H, W, C] in
+    [0, 1]. Jitted: one compilation per batch shape, any alpha."""
+    images = self._images(images)
+    return self._predict(self.params, images, self.domain(alpha, len(images)))
+
+  def soup(self, alpha: float) -> tuple[Any, Any]:
+    """(single-domain model, params) of the soup at `alpha`: adapter = (1-a) p_clean + a p_adv.
+    For a single-domain workdir: the model itself (alpha must be 0)."""
+    self._check_alpha(alpha)
+    if self.num_domains == 1:
+      return self.model, self.params
+    model = create_model(dict(self.config.model.to_dict(), num_domains=1))
+    return model, soups.interpolate(self.params, [1.0 - alpha, alpha])
+
+  def attack(self, images: Any, labels: Any, eps: float | str | None = None, alpha: Any = 0.0,
+             steps: int | None = None, attack: str = "pgd", seed: int = 0) -> jax.Array:
+    """Adversarial images [B, H, W, C] against the soup at `alpha` (the soup itself is attacked).
+
+    Args:
+      images: float32 [B, H, W, C] in [0, 1]; labels: int [B].
+      eps: radius in pixel units (a float or '4/255'); default the run's config.attack.eps
+        (norm config.attack.norm).
+      steps: attack iterations; default config.eval.attack_steps for PGD, 100 for APGD-CE.
+      attack: 'pgd' (PGD-k, CE, step 2.5 eps / k, random start) or 'apgd-ce'.
+      seed: random starts (per example).
+    """
+    from adv_soups import cli  # local: keeps `import adv_soups` light
+    if attack not in LOAD_ATTACKS:
+      raise ValueError(f"unknown attack {attack!r}: allowed {', '.join(LOAD_ATTACKS)}")
+    norm = self.config.attack.norm
+    eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
+    if steps is None:
+      steps = self.config.eval.attack_steps if attack == "pgd" else 100
+    images = self._images(images)
+    labels = np.asarray(labels, np.int32)
+    key = (attack, int(steps), norm)
+    if key not in self._attacks:
+      self._attacks[key] = jax.jit(self._attack_fn(attack, int(steps), norm))
+    return self._attacks[key](self.params, images, labels, self.domain(alpha, len(images)),
+                              np.float32(eps), jax.random.PRNGKey(seed))
+
+  def _attack_fn(self, attack: str, steps: int, norm: str):
+    def fn(params, images, labels, domain, eps, rng):
+      logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
+      if attack == "pgd":
+        return pgd_fn(logits_fn, images, labels, rng, eps=eps, num_steps=steps, norm=norm)
+      return apgd_fn(logits_fn, images, labels, rng, eps=eps, num_steps=steps, norm=norm,
+                     loss="ce")
+    return fn
+
+
+def load(workdir: str, step: int | None = None) -> LoadedModel:
+  """The model of a training workdir at checkpoint `step` (default the latest).
+
+  Reads config.json (tf.io.gfile) and the orbax checkpoint (epath), so local paths and remote
+  ones (gs://...) both work; CPU, GPU or TPU. Raises FileNotFoundError (no config.json / no
+  checkpoint) or ValueError (the step does not exist: the message lists the available ones).
+  """
+  workdir = str(workdir)
+  config = workdir_lib.load_config(workdir)
+  step, item = checkpoint_step(workdir, step)
+  model = create_model(config.model)
+  channels = int(config.model.get("channels", 3) or 3)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0), channels))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract)
+  manager = ckpt_lib.Checkpoints(workdir, create=False)
+  try:
+    params = manager.restore(step, targets={item: target}, items=(item,))[item]
+  finally:
+    manager.close()
+  return LoadedModel(config=config, model=model, params=params, step=step, workdir=workdir,
+                     params_item=item)
