@@ -19,7 +19,9 @@ ARRAY_ITEMS = ("params", "opt_state", "ema_params")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  """Where the checkpoints of a workdir live."""
+  """Where the checkpoints of a workdir live (absolute for local paths: orbax requires it)."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return os.path.join(workdir, "checkpoints")
 
 

@@ -16,10 +16,14 @@ AutoAttack (which adds FAB-T and Square); reports always name the attacks that r
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ INFO lines
+
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any, Iterable, Iterator, Sequence
@@ -146,9 +150,10 @@ def grid_clean_correct(model, params: Any, batches: Iterable[dict], domains: np.
   """Clean correctness [N, A] (bool) of every unmasked example under each of the A columns.
 
   `domains`: int [A] or mixing weights [A, D] (see `expand`). Predictions are restricted to
-  `class_subset` (1000-way indices, e.g. ImageNet-R's 200) when given. Rows run in chunks of
-  `batch_size` (default: a whole expanded batch), padded to a multiple of the device count: one
-  compilation for all columns.
+  `class_subset` (1000-way indices, e.g. ImageNet-R's 200) when given. Rows are buffered across
+  batches and run in calls of exactly `batch_size` rows (default: the first expanded batch's
+  size; rounded up to a multiple of the device count), the last one padded: one compilation
+  serves every column.
   """
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size
@@ -156,24 +161,40 @@ def grid_clean_correct(model, params: Any, batches: Iterable[dict], domains: np.
   predict = _compiled_predictions(model, mesh, subset)
   params = jax.device_put(params, parallel.replicated(mesh))
   count = len(np.asarray(domains))
-  out = []
-  for batch in batches:
-    rows = expand(batch, domains)
-    total = len(rows["label"])
-    chunk = parallel.pad_to_multiple(min(batch_size or total, total), n_dev)
-    pending = []
-    for start in range(0, total, chunk):
-      images, domain = rows["image"][start:start + chunk], rows["domain"][start:start + chunk]
-      n = len(images)
+  labels, masks, dispatched = [], [], []  # dispatched: (rows used, device predictions)
+  buffer: dict[str, list] = {"image": [], "domain": []}
+  state = {"chunk": None, "buffered": 0}
+
+  def run(flush: bool) -> None:
+    chunk = state["chunk"]
+    while state["buffered"] >= chunk or (flush and state["buffered"]):
+      images, domain = (np.concatenate(buffer[k]) for k in ("image", "domain"))
+      n = min(chunk, len(images))
+      rest = {"image": images[n:], "domain": domain[n:]}
+      images, domain = images[:n], domain[:n]
       if n < chunk:
         images = np.concatenate([images, np.zeros((chunk - n,) + images.shape[1:], images.dtype)])
         domain = np.concatenate([domain, np.repeat(domain[:1], chunk - n, axis=0)])
-      pending.append((n, predict(params, *parallel.shard_batch(mesh, (images, domain)))))
-    preds = np.concatenate([np.asarray(p)[:n] for n, p in pending])
-    out.append((preds == rows["label"])[rows["mask"]])
-  if not out:
+      dispatched.append((n, predict(params, *parallel.shard_batch(mesh, (images, domain)))))
+      buffer["image"], buffer["domain"] = [rest["image"]], [rest["domain"]]
+      state["buffered"] -= n
+
+  for batch in batches:
+    rows = expand(batch, domains)
+    if state["chunk"] is None:
+      state["chunk"] = parallel.pad_to_multiple(int(batch_size or len(rows["label"])), n_dev)
+    labels.append(rows["label"])
+    masks.append(rows["mask"])
+    buffer["image"].append(rows["image"])
+    buffer["domain"].append(rows["domain"])
+    state["buffered"] += len(rows["label"])
+    run(flush=False)
+  if state["chunk"] is None:
     raise ValueError("no batches to evaluate")
-  return np.concatenate(out).reshape(-1, count)
+  run(flush=True)
+  preds = np.concatenate([np.asarray(p)[:n] for n, p in dispatched])
+  mask = np.concatenate(masks)
+  return (preds == np.concatenate(labels))[mask].reshape(-1, count)
 
 
 @functools.lru_cache(maxsize=16)
@@ -337,22 +358,36 @@ class Plan:
   def config(self) -> ml_collections.ConfigDict:
     return self.loaded.config
 
-  def batches(self, name: str, split: str | None = None, num_examples: int | None = None):
+  def data_batch_size(self, columns: int) -> int:
+    """Examples per data batch when each is expanded to `columns` rows: ceil(batch_size / A),
+    so an expanded batch holds about `batch_size` rows (host memory does not grow with A)."""
+    return max(1, -(-self.batch_size // max(columns, 1)))
+
+  def batches(self, name: str, split: str | None = None, num_examples: int | None = None,
+              columns: int = 1):
     """eval_batches of dataset `name` at the model's image size (None: the plan's own split and
-    number of examples for the main dataset, the dataset's eval split for others)."""
+    number of examples for the main dataset, the dataset's eval split for others), in batches of
+    `data_batch_size(columns)` examples."""
     spec = data_lib.get_spec(name)
     if split is None:
       split = self.split if name == self.dataset else spec.eval_split
-    return data_lib.eval_batches(name, split=split, batch_size=self.batch_size,
+    if num_examples is not None:
+      size = split_size(name, split, self.data_dir)
+      if size is not None and num_examples >= size:
+        num_examples = None  # the whole split (TFDS rejects a slice past its end)
+    return data_lib.eval_batches(name, split=split, batch_size=self.data_batch_size(columns),
                                  num_examples=num_examples, data_dir=self.data_dir,
                                  image_size=self.config.model.image_size)
 
-  def num_batches(self, name: str, split: str | None = None, num_examples: int | None = None
-                  ) -> int | None:
+  def num_batches(self, name: str, split: str | None = None, num_examples: int | None = None,
+                  columns: int = 1) -> int | None:
+    """How many data batches `batches` yields (None when the split's size is unknown)."""
     size = split_size(name, split or data_lib.get_spec(name).eval_split, self.data_dir)
     if num_examples is not None:
       size = num_examples if size is None else min(size, num_examples)
-    return None if size is None else data_lib.num_eval_batches(size, self.batch_size, 1)
+    if size is None:
+      return None
+    return data_lib.num_eval_batches(size, self.data_batch_size(columns), 1)
 
 
 def probe(plan_data_dir: str | None, name: str, split: str, image_size: int) -> None:
@@ -419,7 +454,7 @@ class Progress:
   """One tqdm bar (stderr, with ETA) over the data batches of every dataset an evaluation reads."""
 
   def __init__(self, total: int | None, enabled: bool = True, desc: str = "evaluating"):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled,
                     dynamic_ncols=True)
 
@@ -451,7 +486,8 @@ def run_evaluation(plan: Plan, domains: np.ndarray, *, progress: Progress | None
   domains = np.asarray(domains)
   main_spec = data_lib.get_spec(plan.dataset)
   wrap = (lambda b, name: progress.wrap(b, name)) if progress else (lambda b, name: b)
-  batches = wrap(plan.batches(plan.dataset, plan.split, plan.num_examples), plan.dataset)
+  columns = len(domains)
+  batches = wrap(plan.batches(plan.dataset, plan.split, plan.num_examples, columns), plan.dataset)
   out: dict[str, Any] = dict(accuracy_after={}, attacks=[], robust_accuracy=None)
   if plan.attack == "none":
     clean = grid_clean_correct(model, params, batches, domains, class_subset=main_spec.class_subset,
@@ -474,7 +510,7 @@ def run_evaluation(plan: Plan, domains: np.ndarray, *, progress: Progress | None
     for name in names:
       spec = data_lib.get_spec(name)
       correct = grid_clean_correct(
-          model, params, wrap(plan.batches(name, num_examples=plan.num_examples), name), domains,
+          model, params, wrap(plan.batches(name, None, plan.num_examples, columns), name), domains,
           class_subset=spec.class_subset, mesh=mesh, batch_size=plan.batch_size)
       per_dataset[name], counts[name] = correct.mean(0).tolist(), int(correct.shape[0])
     entry = dict(mean=np.mean(list(per_dataset.values()), axis=0).tolist(),
@@ -488,10 +524,11 @@ def run_evaluation(plan: Plan, domains: np.ndarray, *, progress: Progress | None
   return out
 
 
-def total_batches(plan: Plan) -> int | None:
-  """Data batches `run_evaluation` reads (None when a split size is unknown): for progress."""
-  counts = [plan.num_batches(plan.dataset, plan.split, plan.num_examples)]
-  counts += [plan.num_batches(n, None, plan.num_examples) for _, names in plan.shifts
+def total_batches(plan: Plan, columns: int = 1) -> int | None:
+  """Data batches `run_evaluation` reads for `columns` domain columns (None when a split size is
+  unknown): the progress bar's total."""
+  counts = [plan.num_batches(plan.dataset, plan.split, plan.num_examples, columns)]
+  counts += [plan.num_batches(n, None, plan.num_examples, columns) for _, names in plan.shifts
              for n in names]
   return None if any(c is None for c in counts) else sum(counts)
 

@@ -20,11 +20,15 @@ the selection never sees the examples it is reported on.
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ INFO lines
+
 import csv
 import dataclasses
 import io
 import json
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -124,7 +128,10 @@ def plan_sweep(workdir: str, alphas: str | Sequence[float] | None = None, attack
     if size is not None and size <= n:
       raise ValueError(f"--select_alpha_on={select_alpha_on}: split {sel_split!r} of {name!r} has "
                        f"{size} examples, so none would be left to score after selecting on {n}")
-    sel = Selection(name, sel_split, n, plan.num_examples)
+    heldout = plan.num_examples
+    if size is not None and (heldout is None or n + heldout > size):
+      heldout = size - n  # TFDS rejects a slice past the split's end
+    sel = Selection(name, sel_split, n, heldout)
   out_dir = out_dir or os.path.join(plan.loaded.workdir, SUBDIR)
   return SweepPlan(plan=plan, alphas=alphas, selection=sel, out_dir=out_dir, notes=notes)
 
@@ -143,11 +150,12 @@ def execute_sweep(sweep: SweepPlan, progress: bool = True, write: bool = True) -
   start = time.time()
   plan, loaded = sweep.plan, sweep.plan.loaded
   sel = sweep.selection
-  total = evaluate.total_batches(plan)
+  columns = 1 if sweep.alphas is None else len(sweep.alphas)
+  total = evaluate.total_batches(plan, columns)
   if sel and total is not None:
-    extra = [plan.num_batches(sel.dataset, sel.split, sel.n), plan.num_batches(
-        sel.dataset, sel.split, None if sel.num_heldout is None else sel.n + sel.num_heldout)]
-    total = None if None in extra else total + extra[0] + max(extra[1] - extra[0], 1)
+    extra = [plan.num_batches(sel.dataset, sel.selection_split, None, columns),
+             plan.num_batches(sel.dataset, sel.heldout_split, None, 3)]  # chosen, 0, 1
+    total = None if None in extra else total + sum(extra)
   bar = evaluate.Progress(total, enabled=progress, desc="sweep")
   try:
     grid = evaluate.run_evaluation(plan, _domains(sweep), progress=bar)
@@ -188,14 +196,17 @@ def _select_alpha(sweep: SweepPlan, bar: evaluate.Progress) -> dict:
   model, params = plan.loaded.model, plan.loaded.params
   spec = data_lib.get_spec(sel.dataset)
   choose = evaluate.grid_clean_correct(
-      model, params, bar.wrap(plan.batches(sel.dataset, sel.selection_split), sel.dataset),
+      model, params,
+      bar.wrap(plan.batches(sel.dataset, sel.selection_split, columns=len(sweep.alphas)),
+               sel.dataset),
       _domains(sweep), class_subset=spec.class_subset, batch_size=plan.batch_size)
   accuracy = choose.mean(0)
   best = int(np.argmax(accuracy))  # ties: the smallest alpha
   chosen = sweep.alphas[best]
   scored = sorted({chosen, 0.0, 1.0})
   held = evaluate.grid_clean_correct(
-      model, params, bar.wrap(plan.batches(sel.dataset, sel.heldout_split), sel.dataset),
+      model, params,
+      bar.wrap(plan.batches(sel.dataset, sel.heldout_split, columns=len(scored)), sel.dataset),
       _domains(sweep, scored), class_subset=spec.class_subset, batch_size=plan.batch_size)
   held_acc = dict(zip(scored, held.mean(0).tolist()))
   return dict(dataset=sel.dataset, selection_split=sel.selection_split,

@@ -45,9 +45,12 @@ def trained_workdir(trained_run):
   return trained_run[0]
 
 
-def write_untrained_workdir(workdir, config, step=1):
+def write_untrained_workdir(workdir, config, step=1, noise=0.0, ema_noise=None):
   """config.json + one checkpoint of freshly initialised parameters (no training), for tests of
-  loading and evaluation that need a workdir but not a trained model. Returns the resolved config."""
+  loading and evaluation that need a workdir but not a trained model. `noise`: the std of Gaussian
+  noise added to every parameter (so that zero-initialised heads and tokens differ); with
+  `ema_noise`, also an `ema_params` item (params + that much more noise). Returns the resolved
+  config and the saved parameters {'params': ..., 'ema_params': ...}."""
   import jax
   from adv_soups import checkpoints, train, workdir as workdir_lib
   from adv_soups.models import create_model, init_params
@@ -55,10 +58,18 @@ def write_untrained_workdir(workdir, config, step=1):
   workdir_lib.save_config(str(workdir), config)
   params = init_params(create_model(config.model), jax.random.key(config.seed),
                        config.model.channels)
+  def perturb(tree, std, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+  saved = {"params": perturb(params, noise, 1) if noise else params}
+  if ema_noise is not None:
+    saved["ema_params"] = perturb(saved["params"], ema_noise, 2)
   manager = checkpoints.Checkpoints(str(workdir))
-  manager.save(step, {}, params=params)
+  manager.save(step, {}, **saved)
   manager.close()
-  return config
+  return config, saved
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Tests of adv_soups.attacks: known answers, invariants, strength, purity, sharding, errors."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,10 @@ from jax.sharding import PartitionSpec as P
 from adv_soups import parallel
 from adv_soups.attacks import apgd, apgd_t, checkpoint_schedule, pgd, robust_accuracy
 from adv_soups.attacks import losses
+
+# By module path: the package rebinds the names `pgd` / `apgd` to the functions.
+apgd_lib = importlib.import_module("adv_soups.attacks.apgd")
+pgd_lib = importlib.import_module("adv_soups.attacks.pgd")
 
 KEY = jax.random.PRNGKey(0)
 EPS = 0.1
@@ -188,9 +193,11 @@ def test_robust_accuracy_non_increasing_in_eps():
   margin = np.abs(logits[:, 1] - logits[:, 0])
   l1 = float(np.abs(wd).sum())
   accs = []
+  f_p = lambda p, x: f(x)  # with `params`, compiled stages are reused across the calls
   for eps in [0.0, 0.01, 0.03, 0.06, 0.1, 0.2]:
     for attack in ("pgd", "apgd-ce"):
-      r = robust_accuracy(f, _batches(x, y, 32), eps=eps, attacks=(attack,), num_steps=10)
+      r = robust_accuracy(f_p, _batches(x, y, 32), eps=eps, attacks=(attack,), num_steps=10,
+                          params=jnp.zeros(()))
       certain = np.abs(margin - eps * l1) > 1e-3  # away from the decision threshold
       expected = r.clean_correct & (margin > eps * l1)
       np.testing.assert_array_equal(r.robust[certain], expected[certain], err_msg=f"{eps}")
@@ -246,6 +253,193 @@ def test_strength_apgd_pgd20_pgd2(digits):
   assert np.mean(ra.robust & ~r20.robust) <= 0.01  # PGD-20 breaks almost nothing APGD missed
   assert [a["name"] for a in ra.attacks] == ["apgd-ce", "apgd-t"]
   assert ra.attacks[1]["num_targets"] == 9
+
+
+def test_log_ce_loss_does_not_saturate():
+  """The "ce" attack loss is log CE: equal to log(ce_loss) where float32 CE is > 0, and with a
+  non-zero value and gradient at margins where CE is exactly 0 (margin ~17 and up)."""
+  z = jnp.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 0.0, 1.0], [-3.0, 2.0, 0.0],
+                 [30.0, 0.0, 1.0], [100.0, 0.0, -2.0], [300.0, 0.0, 1.0]])
+  y = jnp.zeros(7, jnp.int32)
+  fn = losses.get_loss("ce", targeted=False)
+  got = fn(z, y, None)
+  np.testing.assert_allclose(got[:4], jnp.log(losses.ce_loss(z[:4], y[:4])), rtol=1e-5)
+  assert float(losses.ce_loss(z[4:5], y[4:5])[0]) == 0.0  # the plain CE saturates...
+  t = jax.nn.logsumexp(z[4:, 1:], axis=-1) - z[4:, 0]
+  np.testing.assert_allclose(got[4:], t, rtol=1e-5)  # ... log CE = t there (CE ~ e^t)
+  g = jax.grad(lambda z: fn(z, y, None).sum())(z)
+  assert np.all(np.isfinite(g)) and np.all(np.abs(g[4:, 0]) > 0.5), g
+  # Continuous at the switch t = -20, and monotone (an increasing transform of CE).
+  zz = jnp.stack([jnp.zeros(5), jnp.array([-20.01, -20.0, -19.99, -5.0, 40.0]) - jnp.log(2.0),
+                  jnp.array([-20.01, -20.0, -19.99, -5.0, 40.0]) - jnp.log(2.0)], 1)
+  v = np.asarray(losses.log_ce_loss(zz, jnp.zeros(5, jnp.int32)))
+  np.testing.assert_allclose(v[:3], [-20.01, -20.0, -19.99], atol=1e-4)
+  assert np.all(np.diff(v) > 0), v
+  # Targeted: -log CE toward the target, also unsaturated when the target already wins big.
+  tgt = jnp.full(7, 0)
+  np.testing.assert_allclose(losses.targeted_ce_loss(z, y, tgt), -got, rtol=1e-6)
+
+
+def test_ce_attacks_invariant_to_logit_scale(digits):
+  """PGD-20 and APGD-CE (CE loss) on logits f, 10 f, 30 f: robust accuracy is scale-invariant in
+  truth; plain float32 CE saturates on the scaled models (the reviewer measured PGD-20 robust
+  accuracy 0.24 / 0.63 / 0.94). Logit scale is also CE's temperature, which changes the loss
+  landscape (10 f and 30 f already act like the margin), so 1x vs 30x gets a small tolerance."""
+  def fn(p, x):
+    return p["scale"] * _mlp(p["mlp"], x)
+  batches = _batches(digits["x"][:192], digits["y"][:192], 96)
+  for attack in ("pgd", "apgd-ce"):
+    accs = [robust_accuracy(fn, batches, eps=0.1, attacks=attack, num_steps=20,
+                            params=dict(mlp=digits["params"], scale=jnp.float32(s))
+                            ).robust_accuracy for s in (1.0, 10.0, 30.0)]
+    assert abs(accs[1] - accs[2]) <= 2 / 192, (attack, accs)
+    assert abs(accs[0] - accs[2]) <= 0.05, (attack, accs)
+    assert 0.1 < accs[0] < 0.5, (attack, accs)  # not vacuous
+
+
+# ---------------------------------------------------------------------------------------------
+# APGD against an independent reference
+# ---------------------------------------------------------------------------------------------
+def _apgd_reference(f, x, y, key, eps, n, norm, loss):
+  """APGD per Croce & Hein (2020), Algorithm 1, in numpy with plain Python control flow.
+
+  Shares only the float32 helpers of pgd.py (loss + gradient, projection, ascent direction,
+  random start) with `apgd`. Conventions, those of attacks/apgd.py (and AutoAttack):
+    - checkpoints: a first window of max(int(0.22 n), 1) steps, each next one shorter by
+      max(int(0.03 n), 1) down to max(int(0.06 n), 1); a checkpoint ends each window;
+    - condition 1: the count of steps s in the window with f(x_s) > f(x_{s-1}) (strict), is
+      < 0.75 * window (strict); f(x_{s-1}) is the loss evaluated at the previous step even if that
+      point was then abandoned by a restart from the best point;
+    - condition 2: the step was not halved at the previous checkpoint and the best loss has not
+      strictly improved since; not checked at the first checkpoint;
+    - the best point starts at the random start and moves on a strict improvement;
+    - on halving, the iterate restarts from the best point with its gradient; the momentum term
+      still uses the pre-step iterate (x_{k+1} - x_k becomes x_best - x_k);
+    - success counts the random start; the output is the last misclassified iterate, else the
+      best point.
+  Returns (x_out, success [B], best loss [B]).
+  """
+  b = len(y)
+  loss_fn = losses.get_loss(loss, False)
+  at = jax.jit(lambda xa: pgd_lib.loss_and_input_grad(f, loss_fn, xa, y, None))
+
+  def evaluate(xa):
+    logits, l, g = at(xa)
+    return np.argmax(np.asarray(logits), -1) != np.asarray(y), np.array(l), np.array(g)
+
+  proj_jit = jax.jit(lambda xa: pgd_lib.project(xa, x, eps, norm))
+
+  def proj(xa):
+    return np.array(proj_jit(xa))
+
+  checks, win, end = {}, max(int(0.22 * n), 1), 0  # steps so far -> window length
+  while end + win <= n:
+    end += win
+    checks[end] = win
+    win = max(win - max(int(0.03 * n), 1), max(int(0.06 * n), 1))
+
+  x_k = np.array(pgd_lib.random_start(pgd_lib.example_keys(key, jnp.arange(b), 0), x, eps, norm))
+  wrong, l, grad = evaluate(x_k)
+  x_prev = x_k.copy()
+  eta = np.full(b, 2.0 * eps)
+  best_x, best_g, best_l = x_k.copy(), grad.copy(), l.copy()
+  found, x_found = wrong.copy(), x_k.copy()
+  history = [l]  # f(x_0), f(x_1), ...
+  best_at_check, halved_at_check, last_check = l.copy(), [None] * b, 0
+  for k in range(n):
+    z = proj(x_k + eta[:, None, None, None] * np.array(pgd_lib.ascent_direction(grad, norm)))
+    a = 1.0 if k == 0 else 0.75
+    x_new = proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+    wrong, l, g = evaluate(x_new)
+    history.append(l)
+    x_prev, x_k, grad = x_k, x_new.copy(), g
+    for i in range(b):
+      if wrong[i]:
+        found[i], x_found[i] = True, x_new[i]
+      if l[i] > best_l[i]:
+        best_l[i], best_x[i], best_g[i] = l[i], x_new[i], g[i]
+    if k + 1 in checks:
+      for i in range(b):
+        ups = sum(history[s][i] > history[s - 1][i] for s in range(last_check + 1, k + 2))
+        oscillating = ups < 0.75 * checks[k + 1]
+        stalled = halved_at_check[i] is False and not best_l[i] > best_at_check[i]
+        halve = oscillating or stalled
+        if halve:
+          eta[i] /= 2
+          x_k[i], grad[i] = best_x[i], best_g[i]
+        halved_at_check[i], best_at_check[i] = halve, best_l[i]
+      last_check = k + 1
+  return np.where(found[:, None, None, None], x_found, best_x), found, best_l
+
+
+def test_apgd_reference_schedule():
+  """The reference's checkpoints (from the paper's p_j, in integer steps) match apgd's."""
+  for n in (10, 25, 100):
+    is_check, window = checkpoint_schedule(n)
+    ends, win, end = [], max(int(0.22 * n), 1), 0
+    while end + win <= n:
+      end += win
+      ends.append((end, win))
+      win = max(win - max(int(0.03 * n), 1), max(int(0.06 * n), 1))
+    assert ends == [(int(i) + 1, int(window[i])) for i in np.nonzero(is_check)[0]]
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_matches_reference(norm, loss):
+  """APGD (one restart) follows the numpy reference: same successes, best losses and outputs.
+
+  N = 25 steps give 15 checkpoints (windows 5, 4, 3, 2, then 1). The reference uses the same
+  float32 helpers, but XLA fuses the loop differently, so l_2 runs differ by rounding; after a
+  success DLR (divided by z_pi1 - z_pi3, which can be ~0 on a misclassified point) amplifies
+  that, so best losses are compared on the unsuccessful examples and outputs to 1e-3 (l_inf
+  runs agree exactly). Breaking apgd.py (no momentum, no halving, no restart from the best point
+  on halving) fails this test; returning the best point instead of a misclassified iterate is
+  caught by `test_apgd_keeps_misclassified_iterate`.
+  """
+  n, b = 25, 24
+  x = jax.random.uniform(jax.random.PRNGKey(11), (b, 4, 4, 3))
+  y = jnp.argmax(rand_mlp(x), -1)
+  y = y.at[:2].set((y[:2] + 1) % 10)  # two clean errors: success at the random start
+  eps = 0.012 if norm == "linf" else 0.12
+  ref_x, ref_ok, ref_l = _apgd_reference(rand_mlp, x, y, KEY, eps, n, norm, loss)
+  assert 4 <= ref_ok.sum() <= b - 4, ref_ok  # both outcomes are exercised
+  loss_fn = losses.get_loss(loss, False)
+  run = apgd_lib._apgd_restarts  # pylint: disable=protected-access
+  got_x, got_ok, got_l = jax.jit(lambda x, y: run(
+      rand_mlp, x, y, None, KEY, jnp.arange(b), jnp.float32(eps), n, norm, loss_fn, 1))(x, y)
+  np.testing.assert_array_equal(got_ok, ref_ok)
+  got_x, got_l = np.asarray(got_x), np.asarray(got_l)
+  np.testing.assert_allclose(got_l[~ref_ok], ref_l[~ref_ok], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_x[~ref_ok], ref_x[~ref_ok], atol=1e-3)
+  assert np.all(np.argmax(np.asarray(rand_mlp(got_x[ref_ok])), -1) != y[ref_ok])
+  far = np.abs(got_x - ref_x).reshape(b, -1).max(1) > 1e-3
+  assert far.sum() <= 1, np.nonzero(far)  # one successful example may drift (DLR, see above)
+
+
+def test_apgd_keeps_misclassified_iterate():
+  """A misclassified random start is returned although every later iterate has a higher loss.
+
+  Linear 4-class model, targeted CE toward class 3: ascent raises z_3 and lowers z_1, which
+  beats the label 0 by 6 eps at the clean point (so at the random start too, for this key) but
+  loses to it after one full step (by 6 eps). The best-loss point is correctly classified.
+  """
+  eps = 0.05
+  w = np.zeros((12, 4), np.float32)
+  w[:, 3] = 1.0
+  w[:, 1] = -1.0
+  bias = jnp.array([0.0, 6 * eps, -5.0, -5.0]) - jnp.asarray(0.5 * w.sum(0))  # x ~ 0.5
+
+  def f(x):
+    return x.reshape(x.shape[0], -1) @ w + bias
+  x = jnp.full((2, 2, 2, 3), 0.5)
+  y = jnp.zeros(2, jnp.int32)
+  t = jnp.full(2, 3, jnp.int32)
+  x0 = pgd_lib.random_start(pgd_lib.example_keys(KEY, jnp.arange(2), 0), x, eps, "linf")
+  assert np.all(np.argmax(f(x0), -1) == 1)  # the start is misclassified
+  x_adv = apgd(f, x, y, KEY, eps=eps, num_steps=10, loss="ce", targets=t)
+  assert np.all(np.argmax(f(x_adv), -1) != 0)
+  np.testing.assert_allclose(x_adv, x0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +541,36 @@ def test_robust_accuracy_8_devices_equals_1(digits):
   assert r8.accuracy_after[-1] == r8.robust_accuracy
 
 
+def test_robust_accuracy_closure_weights_not_stale():
+  """Without `params`, a second call with the same logits_fn sees weights its closure changed."""
+  weights = dict(p=RAND_PARAMS)
+  fn = lambda x: _mlp(weights["p"], x)
+  x = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (16, 4, 4, 3)))
+  y = np.argmax(np.asarray(rand_mlp(x)), -1).astype(np.int32)
+  run = lambda: robust_accuracy(fn, [dict(image=x, label=y)], eps=0.0, attacks="pgd",
+                                num_steps=1)
+  assert run().clean_accuracy == 1.0
+  weights["p"] = _mlp_init(2, 48, 37, 10)
+  expected = np.argmax(np.asarray(_mlp(weights["p"], x)), -1) == y
+  assert not expected.all()
+  np.testing.assert_array_equal(run().clean_correct, expected)
+
+
+def test_apgd_t_targets_never_the_label():
+  """Targets are the top classes other than the label, also where the label is not the top."""
+  z = jnp.array([[5.0, 4.0, 3.0, 2.0, 1.0],   # label 0 top: runner-ups 1, 2, 3, 4
+                 [5.0, 4.0, 3.0, 2.0, 1.0],   # label 1 second: 0, 2, 3, 4
+                 [1.0, 2.0, 3.0, 5.0, 4.0]])  # label 4 second: 3, 2, 1, 0
+  y = jnp.array([0, 1, 4])
+  got = np.stack([np.asarray(apgd_lib.runner_up_targets(z, y, r)) for r in range(4)], 1)
+  np.testing.assert_array_equal(got, [[1, 2, 3, 4], [0, 2, 3, 4], [3, 2, 1, 0]])
+  # APGD-T on examples whose label is the runner-up: targeted DLR toward the label would be 0.
+  x = jax.random.uniform(jax.random.PRNGKey(4), (4, 4, 4, 3))
+  y2 = jnp.argsort(rand_mlp(x), -1)[:, -2]
+  _, _, loss = apgd_lib.apgd_t_single(rand_mlp, x, y2, KEY, 0, eps=EPS, num_steps=2, norm="linf")
+  assert np.all(np.asarray(loss) != 0), loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -417,13 +641,17 @@ def test_compiles_once():
   assert n > 0
   fn(x * 0.5, jnp.arange(4) + 1, jax.random.PRNGKey(9))
   assert len(traces) == n
-  # The runner caches its compiled stages across calls (same logits_fn, same settings).
+  # With `params`, the runner caches its compiled stages across calls (same logits_fn, same
+  # settings), also for new parameter values.
+  def counted_p(p, x):
+    traces.append(1)
+    return _mlp(p, x)
   batches = [dict(image=np.asarray(x), label=np.arange(4))]
-  robust_accuracy(counted, batches, eps=EPS, attacks=("pgd", "apgd-t"), num_steps=2,
-                  num_targets=3)
+  run = lambda p: robust_accuracy(counted_p, batches, eps=EPS, attacks=("pgd", "apgd-t"),
+                                  num_steps=2, num_targets=3, params=p)
+  run(RAND_PARAMS)
   n = len(traces)
-  robust_accuracy(counted, batches, eps=EPS, attacks=("pgd", "apgd-t"), num_steps=2,
-                  num_targets=3)
+  run(jax.tree.map(lambda v: 2 * v, RAND_PARAMS))
   assert len(traces) == n
 
 

@@ -1,5 +1,5 @@
-"""The soup sweep: all alphas in one pass equals one soup at a time, outputs, alpha selection on a
-shift, single-domain workdirs, and bad input (one line, exit 2, nothing written, nothing compiled)."""
+"""The soup sweep: all alphas in one pass equals one soup at a time, outputs, alpha selection on
+a shift, single-domain workdirs, bad input (one line, exit 2, nothing written or compiled)."""
 import csv
 import json
 import os

@@ -88,6 +88,7 @@ def test_cotrain_step_on_8_devices_matches_1_device(data_dir):
   params_close(results[8][0], results[1][0], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_an_uninterrupted_run(data_dir, tmp_path):
   config = small_config(data_dir)
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
@@ -116,6 +117,7 @@ def test_config_json_round_trips(data_dir, tmp_path):
   create_model(loaded.model)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_training_without_saving_it(data_dir, tmp_path, monkeypatch):
   real = data_lib.train_iterator
 
@@ -151,6 +153,7 @@ def test_bad_config_values_raise_one_clear_error(group, field, value, data_dir):
     train.resolve_config(config)
 
 
+@pytest.mark.slow
 def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run(
@@ -162,6 +165,7 @@ def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_path):
   config = imagenet_vit_b16.get_config()
   config.train.batch_size = 8
@@ -211,3 +215,13 @@ def test_ema_tracks_the_parameters(data_dir):
   expected = jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, start, jax.device_get(state.params))
   params_close(state.ema_params, expected, atol=1e-6)
   assert train._eval_params(state) is state.ema_params
+
+
+def test_checkpoints_accept_a_relative_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  manager = checkpoints.Checkpoints("relative/run")
+  manager.save(1, {"note": "x"}, params={"w": jnp.ones(3)})
+  restored = manager.restore()
+  assert restored["meta"]["step"] == 1 and restored["meta"]["note"] == "x"
+  np.testing.assert_array_equal(restored["params"]["w"], np.ones(3))
+  assert (tmp_path / "relative" / "run" / "checkpoints" / "1").is_dir()

@@ -166,14 +166,18 @@ def num_apgd_targets(num_classes: int, num_targets: int = DEFAULT_NUM_TARGETS) -
   return min(int(num_targets), num_classes - 1)
 
 
-def runner_up_targets(clean_logits: jax.Array, rank) -> jax.Array:
-  """The (rank+1)-th highest-scoring class at the clean point: [B, K] -> [B] int.
+def runner_up_targets(clean_logits: jax.Array, labels: jax.Array, rank) -> jax.Array:
+  """The (rank+1)-th highest-scoring class other than the label at the clean point: [B] int.
 
-  rank 0 is the runner-up of a correctly classified example (AutoAttack's `target_class = 2`).
-  `rank` may be a traced int.
+  clean_logits [B, K], labels [B]. The label is masked out first, so the target is never the true
+  class (for a misclassified example the label may be the top or a runner-up; an example targeted
+  at its own label would have a DLR of 0 everywhere). For a correctly classified example rank 0
+  is the runner-up (AutoAttack's `target_class = 2`). `rank` (< K - 1) may be a traced int.
   """
-  order = jnp.argsort(clean_logits, axis=-1)  # ascending
-  col = clean_logits.shape[-1] - 2 - rank
+  oh = jax.nn.one_hot(labels, clean_logits.shape[-1], dtype=jnp.bool_)
+  masked = jnp.where(oh, -jnp.inf, clean_logits.astype(jnp.float32))
+  order = jnp.argsort(masked, axis=-1)  # ascending; the label comes first
+  col = clean_logits.shape[-1] - 1 - rank
   return lax.dynamic_index_in_dim(order, col, axis=1, keepdims=False).astype(jnp.int32)
 
 
@@ -187,7 +191,7 @@ def apgd_t_single(logits_fn, x, labels, rng, rank, *, eps, num_steps, norm, rest
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
   eps = jnp.asarray(eps, jnp.float32)
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
-  targets = runner_up_targets(logits_fn(x), rank)
+  targets = runner_up_targets(logits_fn(x), labels, rank)
   return _apgd_restarts(logits_fn, x, labels, targets, jax.random.fold_in(rng, rank), index, eps,
                         num_steps, norm, losses_lib.targeted_dlr_loss, restarts)
 

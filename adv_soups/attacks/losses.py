@@ -6,12 +6,22 @@ examples are independent, so that is each example's own gradient.
 
 Definitions (Carlini & Wagner 2017 for the margin; Croce & Hein 2020 for DLR), z = logits,
 pi = the class indices sorted by decreasing logit:
-  ce               CE(z, y)                                       untargeted
-  ce (targeted)    -CE(z, t)                                      move toward t
+  ce               log CE(z, y)  (`log_ce_loss`)                  untargeted
+  ce (targeted)    -log CE(z, t) (`targeted_ce_loss`)             move toward t
   margin           max_{j != y} z_j - z_y                          untargeted CW
   margin (target.) z_t - max_{j != t} z_j                          targeted CW
   dlr              -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)          needs C >= 3
   dlr (targeted)   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)         needs C >= 4
+
+Why log CE for the "ce" attack loss: in float32 the plain CE of a confident example is exactly 0
+once the margin is ~17 (and its input gradient 0 at ~88), so a CE attack on a confident model
+stalls. With t = logsumexp_{j != y} z_j - z_y, CE = softplus(t), and
+  log CE = t                      for t < -20   (softplus(t) = e^t (1 + O(e^t)))
+           log(softplus(t))       otherwise,
+computed this way never saturates (its gradient w.r.t. t is ~1 for very negative t). It is a
+monotone transform of CE: PGD (which uses only the gradient's direction) and APGD (which only
+compares loss values) follow the same iterates wherever CE does not saturate. `ce_loss` stays the
+plain CE (for training and reporting).
 """
 from __future__ import annotations
 
@@ -19,6 +29,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+__all__ = ["LOSSES", "ce_loss", "check_loss", "dlr_loss", "get_loss", "log_ce_loss",
+           "margin_loss", "targeted_ce_loss", "targeted_dlr_loss", "targeted_margin_loss"]
 
 LOSSES = ("ce", "margin", "dlr")
 _DLR_DENOM_EPS = 1e-12
@@ -39,6 +52,25 @@ def ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.sum(_onehot(labels, logits.shape[-1]) * jax.nn.log_softmax(logits), axis=-1)
 
 
+def _log_softplus(t: jax.Array) -> jax.Array:
+  """log(softplus(t)) [B], without underflow: = t below -20 (continuous there, error < 1e-8)."""
+  cut = -20.0
+  return jnp.where(t < cut, t, jnp.log(jax.nn.softplus(jnp.maximum(t, cut))))
+
+
+def _lse_other_minus_own(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """t = logsumexp_{j != y} z_j - z_y per example [B] (CE(z, y) = softplus(t))."""
+  logits = logits.astype(jnp.float32)
+  oh = _onehot(labels, logits.shape[-1])
+  other = jax.nn.logsumexp(jnp.where(oh > 0, -jnp.inf, logits), axis=-1)
+  return other - jnp.sum(oh * logits, axis=-1)
+
+
+def log_ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """log CE(z, y) per example [B], non-saturating: the untargeted "ce" attack loss."""
+  return _log_softplus(_lse_other_minus_own(logits, labels))
+
+
 def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """CW margin max_{j != y} z_j - z_y per example: logits [B, C], labels [B] -> [B] (> 0: wrong)."""
   logits = logits.astype(jnp.float32)
@@ -54,9 +86,10 @@ def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def targeted_ce_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
-  """-CE(z, t) per example [B]; maximising it moves the prediction toward `targets` [B]."""
+  """-log CE(z, t) per example [B] (non-saturating); maximising it moves the prediction toward
+  `targets` [B]."""
   del labels
-  return -ce_loss(logits, targets)
+  return -log_ce_loss(logits, targets)
 
 
 def targeted_margin_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
@@ -93,5 +126,5 @@ def get_loss(loss: str, targeted: bool) -> Callable[..., jax.Array]:
   if targeted:
     return {"ce": targeted_ce_loss, "margin": targeted_margin_loss,
             "dlr": targeted_dlr_loss}[loss]
-  fn = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}[loss]
+  fn = {"ce": log_ce_loss, "margin": margin_loss, "dlr": dlr_loss}[loss]
   return lambda logits, labels, targets: fn(logits, labels)

@@ -217,12 +217,13 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, rng: jax.Arra
     step_size: per-step length (pixel units, in the norm's own sense). Default 2.5 * eps / k, the
       common practice of Madry et al. (2018) and the project's training default.
     norm: "linf" (steps along sign(grad)) or "l2" (steps along grad / |grad|_2).
-    loss: "ce", "margin" (Carlini-Wagner) or "dlr" (Croce & Hein 2020); see `losses`.
+    loss: "ce" (as log CE, which does not saturate in float32), "margin" (Carlini-Wagner) or
+      "dlr" (Croce & Hein 2020); see `losses`.
     random_start: start from a uniform point of the eps ball (else from the clean image).
     restarts: >= 1 independent random starts; each example keeps its worst result: a
       successful one if any (the first), else the one with the highest final loss.
     targets: optional [B] int; makes the attack targeted (the loss then pulls toward `targets`:
-      -CE to the target, the target's CW margin, or targeted DLR). Success then means predicting
+      -log CE to the target, the target's CW margin, or targeted DLR). Success then means predicting
       the target; untargeted success means any wrong prediction.
     example_index: optional [B] int global index of each example (default arange(B)); give it
       when calling on a shard inside `shard_map` so random starts match the unsharded run.

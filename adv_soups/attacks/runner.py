@@ -7,7 +7,8 @@ is one stage per target rank) has a queue of waiting examples; whenever a queue 
 break move on to the next stage's queue. At the end the partial queues are flushed in stage order
 (padded with masked-out rows). So an attack only spends compute on examples every earlier attack
 failed on, every call of a stage has the same shape (one compilation per stage and batch shape,
-cached across calls), and the host holds at most about B examples per stage, not the dataset.
+cached across calls when the parameters are passed as `params`), and the host holds at most about
+B examples per stage, not the dataset.
 
 Each batch is sharded over the mesh's `data` axis and each stage runs under `jax.shard_map`, one
 shard per device with no communication. Random starts are keyed by the example's index in the
@@ -71,19 +72,20 @@ class RobustResult:
 # ---------------------------------------------------------------------------------------------
 # Compiled stage functions (cached)
 # ---------------------------------------------------------------------------------------------
-def _cached(key, build):
-  """A small LRU cache; unhashable keys (e.g. an unhashable logits_fn) are not cached."""
+def _cached(key, build, store=None):
+  """A small LRU cache (`store`, default the module's); unhashable keys are not cached."""
+  store = _cache if store is None else store
   try:
     hash(key)
   except TypeError:
     return build()
-  if key in _cache:
-    _cache.move_to_end(key)
-    return _cache[key]
+  if key in store:
+    store.move_to_end(key)
+    return store[key]
   value = build()
-  _cache[key] = value
-  if len(_cache) > _CACHE_SIZE:
-    _cache.popitem(last=False)
+  store[key] = value
+  if len(store) > _CACHE_SIZE:
+    store.popitem(last=False)
   return value
 
 
@@ -192,8 +194,12 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       `logits_fn(images, domain)` -> logits [b, K]. With `params` given it is called as
       `logits_fn(params, images[, domain])` and `params` is passed to the compiled function as an
       argument (replicated), so new parameters (e.g. during training) reuse the compilation.
-      Compiled stages are cached by (logits_fn, attack, norm, num_steps, restarts, mesh; eps and
-      step size are traced): pass the same function object across calls to compile once.
+      Only then are compiled stages cached across calls, by (logits_fn, attack, norm, num_steps,
+      restarts, mesh; eps and step size are traced): pass the same function object to compile
+      once. Without `params` every call compiles afresh (a jitted function freezes the arrays
+      its closure holds at its first trace, so a cache keyed on the function object would keep
+      evaluating old weights after the closure's weights changed). With `params`, logits_fn must
+      depend on nothing else that changes between calls.
     batches: iterable of dicts: 'image' [b, H, W, C] float32 in [0, 1], 'label' [b] int,
       optional 'mask' [b] bool (False = padding, ignored), optional 'domain' (any per-example
       array, e.g. int [b] or mixing weights [b, D]). Batch sizes may vary.
@@ -220,6 +226,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   mesh = parallel.make_mesh() if mesh is None else mesh
   n_dev = mesh.devices.size
   has_params = params is not None
+  # Cross-call cache only when the parameters are arguments; else one cache for this call.
+  store = _cache if has_params else collections.OrderedDict()
   params_arg = params if has_params else jnp.zeros((), jnp.float32)
   params_dev = jax.device_put(params_arg, parallel.replicated(mesh))
   base_key = jax.random.PRNGKey(seed)
@@ -247,7 +255,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
              None if spec_dom is None else (spec_dom.shape, str(spec_dom.dtype)))
     num_classes = _cached(key_c, lambda: int(jax.eval_shape(
         lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain)(x),
-        params_arg, spec_img, spec_dom).shape[-1]))
+        params_arg, spec_img, spec_dom).shape[-1]), store)
     state.update(b=b, has_domain=has_domain, num_classes=num_classes)
     stages.append((-1, "clean", 0))
     for j, a in enumerate(names):
@@ -273,11 +281,11 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     hd = state["has_domain"]
     if a == "clean":
       return _cached(("clean", logits_fn, has_params, hd, mesh),
-                     lambda: _clean_fn(logits_fn, has_params, hd, mesh))
+                     lambda: _clean_fn(logits_fn, has_params, hd, mesh), store)
     s = settings_out[j]
     static = {k: s[k] for k in ("norm", "num_steps", "restarts")}
     return _cached(("attack", a, tuple(sorted(static.items())), logits_fn, has_params, hd, mesh),
-                   lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static))
+                   lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static), store)
 
   def run_stage(k: int, rows: dict) -> np.ndarray:
     sharding = parallel.batch_sharding(mesh)
