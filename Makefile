@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 WORKDIR ?= workdirs/digits_demo
+DEMO_FLAGS ?=
 
 .PHONY: install test test-fast demo bench clean
 
@@ -26,10 +27,11 @@ test-fast: install
 	$(PYTEST) -q -m "not slow" tests
 
 demo: install
-	$(PY) -m adv_soups.demo --workdir=$(WORKDIR)
+	$(PY) -m adv_soups.demo --workdir=$(WORKDIR) $(DEMO_FLAGS)
 
 bench: install
 	$(PY) -m bench.bench_attacks
+	$(PY) -m bench.bench_sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache

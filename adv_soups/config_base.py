@@ -3,10 +3,12 @@
 Every field is overridable from the command line, e.g. `--config.train.steps=100`.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The full set of fields `adv_soups.train` reads, with neutral defaults."""
+  """The full set of fields `adv_soups.train` reads, with neutral defaults. Fields that default to
+  None are typed placeholders, so `--config.data.data_dir=PATH` etc. can still override them."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -14,10 +16,11 @@ def base_config() -> ml_collections.ConfigDict:
       variant="tiny/4", num_classes=10, adapter="token", num_domains=2, image_size=32,
       mean=(0.5,), std=(0.5,), dropout_rate=0.0, drop_path_rate=0.0, dtype="float32",
       # Optional overrides of the variant's sizes (None = the variant's).
-      patch_size=None, width=None, depth=None, num_heads=None, mlp_dim=None))
+      patch_size=placeholder(int), width=placeholder(int), depth=placeholder(int),
+      num_heads=placeholder(int), mlp_dim=placeholder(int)))
 
   config.data = ml_collections.ConfigDict(dict(
-      name="digits", data_dir=None, image_size=None, shuffle_buffer=10_000, crop_min_scale=0.08,
+      name="digits", data_dir=placeholder(str), image_size=placeholder(int), shuffle_buffer=10_000, crop_min_scale=0.08,
       prefetch=2))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -47,11 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
       norm="linf",
       eps=8 / 255,
       num_steps=10,
-      step_size=None))         # None = 2.5 * eps / num_steps (Madry et al.)
+      step_size=placeholder(float)))         # None = 2.5 * eps / num_steps (Madry et al.)
 
   config.eval = ml_collections.ConfigDict(dict(
-      split=None,              # None = the dataset's evaluation split
-      num_examples=None,       # None = the whole split
+      split=placeholder(str),  # None = the dataset's evaluation split
+      num_examples=placeholder(int),  # None = the whole split
       batch_size=256,
       attack_steps=10))        # PGD-k for the periodic robust accuracy (a quick check, not AA)
   return config

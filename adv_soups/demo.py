@@ -22,12 +22,12 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
-  if not any(a.startswith("--config") for a in argv[1:]):
-    argv.append(f"--config={CONFIG}")
+  if not any(a.startswith("--config=") for a in argv[1:]):
+    argv.insert(1, f"--config={CONFIG}")  # before any --config.a.b=value override
   if not any(a.startswith("--workdir") for a in argv[1:]):
     argv.append("--workdir=workdirs/digits_demo")
   start = time.time()
-  print(f"[demo] 1/2 co-training a tiny ViT on the bundled digits ({argv[-1]})", flush=True)
+  print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
   train.main(argv)
   workdir = flags.FLAGS.workdir
   print(f"[demo] trained in {time.time() - start:.0f} s", flush=True)

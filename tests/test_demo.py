@@ -1,0 +1,31 @@
+"""`make demo` end to end, shrunk: train from scratch, then the soup sweep, in one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_trains_then_sweeps(tmp_path):
+  workdir = tmp_path / "demo"
+  command = [sys.executable, "-m", "adv_soups.demo", f"--workdir={workdir}", "--attack=pgd",
+             "--num_examples=24", f"--config.data.data_dir={tmp_path / 'tfds'}",
+             "--config.train.steps=8", "--config.train.eval_every=0",
+             "--config.train.checkpoint_every=0", "--config.model.depth=1",
+             "--config.eval.num_examples=24", "--config.eval.attack_steps=1"]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "[demo] 2/2" in result.stdout and "alpha  clean %  robust %" in result.stdout
+  table = [line for line in result.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
+  assert len(table) == 2  # the alpha = 0 and alpha = 1 rows (11 rows in all)
+  summary = json.loads((workdir / "sweep" / "sweep.json").read_text())
+  assert len(summary["results"]) == 11 and summary["num_examples"] == 24
+  assert (workdir / "sweep" / "sweep.png").stat().st_size > 1000
+  # Re-running resumes the finished run (no retraining) and sweeps again.
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already trained to step 8" in again.stderr
