@@ -6,6 +6,7 @@ compilation (absl alone would exit 1 on a flag error and print its usage).
 from __future__ import annotations
 
 import fractions
+import math
 import re
 import sys
 from typing import NoReturn, Sequence
@@ -83,6 +84,6 @@ def parse_alphas(text: str, extrapolate: bool = False) -> list[float]:
     if bad:
       raise ValueError(f"--alphas={text} has values outside [0, 1] ({', '.join(map(str, bad))}); "
                        "pass --extrapolate to allow them")
-  elif any(a != a for a in alphas):
-    raise ValueError(f"--alphas={text} contains NaN")
+  elif not all(math.isfinite(a) for a in alphas):
+    raise ValueError(f"--alphas={text} contains a non-finite value: allowed finite numbers")
   return alphas

@@ -12,7 +12,7 @@ import time
 
 from absl import flags
 
-from adv_soups import sweep, train
+from adv_soups import cli, sweep, train
 
 _ATTACK = flags.DEFINE_string("attack", "apgd-ce", "Sweep attack: pgd, apgd-ce or autoattack.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Sweep on the first N test examples.")
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     argv.insert(1, f"--config={CONFIG}")  # before any --config.a.b=value override
   if not any(a.startswith("--workdir") for a in argv[1:]):
     argv.append("--workdir=workdirs/digits_demo")
+  flags.FLAGS(argv, known_only=True)
+  if _ATTACK.value not in ("pgd", "apgd-ce", "autoattack"):  # checked before training
+    cli.fail(f"unknown --attack={_ATTACK.value!r}: allowed pgd, apgd-ce, autoattack")
   start = time.time()
   print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
   train.main(argv)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from adv_soups import data as data_lib
 from adv_soups import parallel
@@ -95,6 +96,12 @@ def evaluate_during_training(config: ml_collections.ConfigDict, model, params: A
                              mesh=None) -> dict[str, float]:
   """The periodic evaluation on the held-out split: clean accuracy of domain 0 (the clean mode)
   and PGD-k robust accuracy (k = config.eval.attack_steps) of the adversarial domain."""
+  if jax.process_count() > 1:
+    # robust_accuracy compacts survivors on one host; multi-host runs evaluate afterwards with
+    # `python -m adv_soups.evaluate` / `sweep` on the workdir.
+    logging.warning("periodic evaluation is single-process; skipped on %d processes",
+                    jax.process_count())
+    return {}
   adv_domain = 1 if config.model.num_domains > 1 else 0
   batches = lambda: data_lib.eval_batches(
       config.data, split=config.eval.split, batch_size=config.eval.batch_size,
@@ -563,6 +570,8 @@ def plan_one(workdir: str, *, alpha: float | str | None = None, domain: int | No
                      "or --domain=D (a domain id)")
   if alpha is not None:
     alpha = cli.parse_number(alpha, "--alpha") if isinstance(alpha, str) else float(alpha)
+    if not 0.0 <= alpha <= 1.0:  # also rejects NaN
+      raise ValueError(f"--alpha={alpha} is outside [0, 1] (0 = clean mode, 1 = robust mode)")
   plan = make_plan(workdir, attack=attack, **plan_kwargs)
   num_domains = plan.loaded.num_domains
   if domain is not None:

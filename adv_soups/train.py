@@ -31,6 +31,7 @@ from clu import metric_writers, periodic_actions
 from ml_collections import config_flags
 
 from adv_soups import checkpoints as ckpt_lib
+from adv_soups import cli
 from adv_soups.cli import fail as _fail
 from adv_soups import data as data_lib
 from adv_soups import evaluate, parallel, workdir as workdir_lib
@@ -77,7 +78,32 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                            ("eval.attack_steps", config.eval.attack_steps, 1)):
     if not isinstance(value, int) or value < low:
       raise ValueError(f"config.{name} must be an integer >= {low}, got {value!r}")
+  for name, value, low, high in (
+      ("train.label_smoothing", train.label_smoothing, 0.0, 1.0),
+      ("optimizer.ema_decay", opt.ema_decay, 0.0, 1.0)):
+    if not low <= value < high:
+      raise ValueError(f"config.{name}={value} is outside the allowed range [{low}, {high})")
+  for name, value in (("train.clean_weight", train.clean_weight),
+                      ("train.adv_weight", train.adv_weight),
+                      ("optimizer.learning_rate", opt.learning_rate),
+                      ("optimizer.weight_decay", opt.weight_decay),
+                      ("optimizer.grad_clip_norm", opt.grad_clip_norm),
+                      ("optimizer.warmup_steps", opt.warmup_steps)):
+    if value < 0:
+      raise ValueError(f"config.{name}={value} must be >= 0")
+  if attack.step_size is not None and attack.step_size <= 0:
+    raise ValueError(f"config.attack.step_size={attack.step_size} must be > 0 (or None)")
+  if not isinstance(train.keep_checkpoints, int) or train.keep_checkpoints < 1:
+    raise ValueError(f"config.train.keep_checkpoints must be an integer >= 1, got "
+                     f"{train.keep_checkpoints!r}")
   n_devices = jax.device_count()
+  eval_cfg = config.eval
+  if (not isinstance(eval_cfg.batch_size, int) or eval_cfg.batch_size < 1
+      or eval_cfg.batch_size % n_devices):
+    raise ValueError(f"config.eval.batch_size={eval_cfg.batch_size!r} must be a positive multiple "
+                     f"of the {n_devices} devices")
+  if eval_cfg.num_examples is not None and eval_cfg.num_examples < 1:
+    raise ValueError(f"config.eval.num_examples={eval_cfg.num_examples} must be >= 1 (or None)")
   if train.batch_size % n_devices:
     raise ValueError(f"config.train.batch_size={train.batch_size} must be a multiple of the "
                      f"{n_devices} devices")
@@ -86,8 +112,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
   if train.mode != "cotrain":
     config.model.num_domains = 1  # single-domain model: evaluate it with domain 0
-  elif config.model.num_domains < 2:
-    raise ValueError(f"config.model.num_domains={config.model.num_domains}: cotrain needs >= 2")
+  elif config.model.num_domains != 2:
+    raise ValueError(f"config.model.num_domains={config.model.num_domains}: cotrain needs exactly "
+                     "2 (0 = clean, 1 = adversarial)")
   config.data.image_size = config.model.image_size
   if attack.step_size is None:
     attack.step_size = 2.5 * attack.eps / attack.num_steps
@@ -220,6 +247,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
     else:
       metrics["train_accuracy"] = correct.mean()
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    if ema is not None:
+      metrics["finite"] &= jnp.isfinite(optax.tree.norm(ema))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     return new_state, metrics
@@ -339,12 +368,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t0, images_seen = time.time(), 0
     do_eval = (train_cfg.eval_every and step % train_cfg.eval_every == 0) or last
     do_save = (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or last
+    if do_save:  # before evaluating: an evaluation failure must not cost the checkpoint
+      _check_finite(pending)  # never save a non-finite state
+      save_checkpoint(manager, workdir, state, train_iter)
     if do_eval:
       eval_metrics = evaluate.evaluate_during_training(config, model, _eval_params(state), mesh)
       writer.write_scalars(step, eval_metrics)
-    if do_save:
-      _check_finite(pending)  # never save a non-finite state
-      save_checkpoint(manager, workdir, state, train_iter)
     if do_eval or do_save:
       t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
   if start >= train_cfg.steps:  # a finished run: report its evaluation again
@@ -409,22 +438,46 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
                        "resume with the same config, use a new --workdir, or pass --overwrite")
 
 
-def main(argv: list[str] | None = None) -> None:
-  """Parses flags, validates the config (one line and exit 2 on bad input), then trains."""
-  argv = list(sys.argv if argv is None else argv)
+def _fractions_to_numbers(argv: list[str]) -> list[str]:
+  """`--config.attack.eps=4/255` -> `--config.attack.eps=0.01568...` (absl parses floats only)."""
+  out = []
+  for arg in argv:
+    name, sep, value = arg.partition("=")
+    if sep and name.startswith("--config.") and "/" in value and not name.endswith("data_dir"):
+      try:
+        value = repr(cli.parse_number(value, name))
+      except ValueError:
+        pass  # not a fraction (e.g. a path): let the flag parser judge it
+    out.append(name + sep + value if sep else arg)
+  return out
+
+
+def parse_command_line(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+  """Flags -> (resolved config, workdir). Every problem is one line and exit 2, before anything
+  is written or compiled: unknown or malformed flags and overrides, a missing config file, bad
+  values, a data set that is not prepared."""
   try:
-    extra = flags.FLAGS(argv)
+    extra = flags.FLAGS(_fractions_to_numbers(argv))
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  except Exception as e:  # a typo'd override (AttributeError), an unreadable config file (OSError)
+    _fail(f"{type(e).__name__}: {e}")
   if len(extra) > 1:
     _fail(f"unexpected arguments {extra[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
+  raw_config = _CONFIG.value  # a lazy proxy: a missing file raises OSError on first use
+  if raw_config is None or not _WORKDIR.value:
     _fail("both --config=configs/NAME.py and --workdir=DIR are required")
-  workdir = _WORKDIR.value
   try:
-    config = resolve_config(_CONFIG.value)
-  except ValueError as e:
-    _fail(str(e))
+    config = resolve_config(raw_config)
+    data_lib.check_available(config.data)
+  except (ValueError, OSError) as e:  # OSError: a missing config file or data set
+    _fail(" ".join(str(e).split()))
+  return config, _WORKDIR.value
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Parses flags, validates the config (one line and exit 2 on bad input), then trains."""
+  config, workdir = parse_command_line(list(sys.argv if argv is None else argv))
   try:
     prepare_workdir(config, workdir, overwrite=_OVERWRITE.value)
   except ValueError as e:

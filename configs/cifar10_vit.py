@@ -21,5 +21,5 @@ def get_config(arg=None):
   config.optimizer.update(name="adamw", learning_rate=1e-3, warmup_steps=5_000, b1=0.9, b2=0.95,
                           weight_decay=0.05, grad_clip_norm=1.0)
   config.attack.update(norm="linf", eps=8 / 255, num_steps=10)
-  config.eval.update(batch_size=500, num_examples=2_000, attack_steps=20)
+  config.eval.update(batch_size=512, num_examples=2_048, attack_steps=20)
   return config

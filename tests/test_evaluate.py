@@ -116,6 +116,8 @@ def test_domain_and_alpha_name_the_same_model(trained_workdir):
     ([], "exactly one of"),
     (["--domain=2"], "--domain=2 is out of range"),
     (["--alpha=0.5", "--attack=square"], "unknown attack 'square'"),
+    (["--alpha=5"], "outside [0, 1]"),
+    (["--alpha=nan"], "outside [0, 1]"),
 ])
 def test_evaluate_bad_input(args, message, trained_workdir, capsys):
   with pytest.raises(SystemExit) as exit_info:

@@ -37,6 +37,9 @@ def test_parse_alphas_rejects(text, match):
 
 def test_parse_alphas_extrapolate():
   assert cli.parse_alphas("-0.5,1.5", extrapolate=True) == [-0.5, 1.5]
+  for text in ("0,inf", "nan", "0:inf:3"):
+    with pytest.raises(ValueError, match="non-finite|malformed"):
+      cli.parse_alphas(text, extrapolate=True)
 
 
 def test_parse_eps():

@@ -145,7 +145,9 @@ def test_nonfinite_loss_stops_training_without_saving_it(data_dir, tmp_path, mon
 
 @pytest.mark.parametrize("group, field, value", [
     ("train", "mode", "semi"), ("data", "name", "mnist3d"), ("optimizer", "name", "lamb"),
-    ("attack", "norm", "l1"), ("train", "batch_size", 63)])
+    ("attack", "norm", "l1"), ("train", "batch_size", 63), ("eval", "batch_size", 100),
+    ("train", "keep_checkpoints", 0), ("optimizer", "ema_decay", 2.0),
+    ("train", "label_smoothing", 1.5), ("model", "num_domains", 3)])
 def test_bad_config_values_raise_one_clear_error(group, field, value, data_dir):
   config = small_config(data_dir)
   config[group][field] = value
@@ -154,15 +156,48 @@ def test_bad_config_values_raise_one_clear_error(group, field, value, data_dir):
 
 
 @pytest.mark.slow
-def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("args, expected", [
+    # A fraction eps is accepted (the error is about the mode, parsed after it).
+    (["--config=configs/digits.py", "--config.attack.eps=4/255", "--config.train.mode=semi"],
+     ["semi", "cotrain"]),
+    (["--config=configs/digits.py", "--config.train.stepz=3"], ["stepz"]),
+    (["--config=configs/nope.py"], ["nope.py"]),
+    (["--config=configs/cifar10_vit.py", "--config.data.data_dir={tmp}/empty"],
+     ["cifar10", "{tmp}/empty", "tfds build"]),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(args, expected, tmp_path):
   workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "adv_soups.train", "--config=configs/digits.py",
-       f"--workdir={workdir}", "--config.train.mode=semi"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+  args = [a.format(tmp=tmp_path) for a in args]
+  result = subprocess.run([sys.executable, "-m", "adv_soups.train", f"--workdir={workdir}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "semi" in result.stderr and "cotrain" in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "Traceback" not in result.stderr
+  for text in expected:
+    assert text.format(tmp=tmp_path) in last
   assert not workdir.exists()
+
+
+def test_fraction_overrides_become_numbers():
+  assert train._fractions_to_numbers(["--config.attack.eps=4/255", "--workdir=a/b",
+                                      "--config.data.data_dir=/x/y"]) == [
+      f"--config.attack.eps={4 / 255!r}", "--workdir=a/b", "--config.data.data_dir=/x/y"]
+
+
+def test_a_different_config_is_refused_unless_overwrite(data_dir, tmp_path):
+  config = train.resolve_config(small_config(data_dir))
+  workdir = str(tmp_path / "run")
+  workdir_lib.save_config(workdir, config)
+  train.prepare_workdir(config, workdir, overwrite=False)  # same config: resume
+  other = config.copy_and_resolve_references()
+  other.train.steps = 7
+  with pytest.raises(ValueError, match="train.steps: 6 -> 7"):
+    train.prepare_workdir(other, workdir, overwrite=False)
+  train.prepare_workdir(other, workdir, overwrite=True)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  moved = os.listdir(os.path.join(workdir, "previous_runs"))
+  assert len(moved) == 1
+  assert os.path.exists(os.path.join(workdir, "previous_runs", moved[0], "config.json"))
 
 
 @pytest.mark.slow

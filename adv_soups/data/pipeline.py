@@ -199,6 +199,17 @@ def _to_numpy(batch: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in batch.items()}
 
 
+def check_available(data_config: Any) -> None:
+  """Raises (before anything is written) if the training data of `data_config` is not prepared:
+  ValueError for an unknown name, `DatasetNotFoundError` saying where TFDS looked and how to
+  prepare it. The bundled digits are prepared here on first use."""
+  config, spec = _resolve(data_config)
+  if spec.train_split is None:
+    raise ValueError(f"Dataset {spec.name!r} is evaluation-only (no train split)")
+  data_dir = _field(config, "data_dir")
+  _as_dataset(spec, get_builder(spec, data_dir), data_dir, split=spec.train_split)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training.
 
