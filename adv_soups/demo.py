@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     argv.insert(1, f"--config={CONFIG}")  # before any --config.a.b=value override
   if not any(a.startswith("--workdir") for a in argv[1:]):
     argv.append("--workdir=workdirs/digits_demo")
-  flags.FLAGS(argv, known_only=True)
-  if _ATTACK.value not in ("pgd", "apgd-ce", "autoattack"):  # checked before training
-    cli.fail(f"unknown --attack={_ATTACK.value!r}: allowed pgd, apgd-ce, autoattack")
+  attack = next((a.split("=", 1)[1] for a in argv if a.startswith("--attack=")), _ATTACK.default)
+  if attack not in ("pgd", "apgd-ce", "autoattack"):  # checked before training, not after
+    cli.fail(f"unknown --attack={attack!r}: allowed pgd, apgd-ce, autoattack")
   start = time.time()
   print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
   train.main(argv)

@@ -29,3 +29,12 @@ def test_demo_trains_then_sweeps(tmp_path):
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained to step 8" in again.stderr
+
+
+def test_demo_rejects_a_bad_attack_before_training(tmp_path):
+  workdir = tmp_path / "demo"
+  result = subprocess.run([sys.executable, "-m", "adv_soups.demo", f"--workdir={workdir}",
+                           "--attack=fgsm"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --attack='fgsm'")
+  assert not workdir.exists()
