@@ -2,9 +2,10 @@
 
   python -m adv_soups.train --config=configs/digits.py --workdir=workdirs/digits
 
-Runs in about 2-3 minutes on 2 CPU cores. eps = 0.1 (l_inf) is our choice: the images are 8x8
-with 17 grey levels, so ImageNet's 4/255 would be a fraction of one level. Expected (measured,
-see README): clean mode ~96% clean accuracy, robust mode ~70% PGD-20 accuracy at eps 0.1.
+Runs in about 2-3 minutes on 2 CPU cores (1,200 steps of 128 images). eps = 0.1 (l_inf) is our
+choice: the images are 8x8 with 17 grey levels, so ImageNet's 4/255 would be a fraction of one
+level. Expected (measured, see README): clean mode ~98% clean accuracy, robust mode ~98% clean and
+~78% PGD-20 / ~77% APGD-CE accuracy at eps 0.1.
 `get_config("mode=clean")` or `--config.train.mode=clean` selects another training mode.
 """
 from adv_soups import config_base
