@@ -225,13 +225,21 @@ def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_pat
 
 
 def test_weight_decay_only_on_kernels(data_dir):
+  """With zero gradients AdamW's update is pure decoupled decay: non-zero exactly on kernels."""
   config = train.resolve_config(small_config(data_dir))
-  params = train.init_state(config, create_model(config.model),
-                            train.make_optimizer(config.optimizer, 10)).params
-  mask = jax.tree_util.tree_leaves_with_path(train.weight_decay_mask(params))
-  decayed = {jax.tree_util.keystr(p) for p, m in mask if m}
-  assert decayed and all(name.endswith("['kernel']") for name in decayed)
-  assert not any("pos_embedding" in n or "cls" in n or "bias" in n for n in decayed)
+  config.optimizer.update(warmup_steps=0, schedule="constant", weight_decay=0.1)
+  optimizer = train.make_optimizer(config.optimizer, 10)
+  params = train.init_state(config, create_model(config.model), optimizer).params
+  params = jax.tree.map(lambda x: x + 1.0, params)  # no zero leaves (the head starts at zero)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  decayed = {jax.tree_util.keystr(p) for p, u in jax.tree_util.tree_leaves_with_path(updates)
+             if np.abs(np.asarray(u)).max() > 0}
+  kernels = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+             if jax.tree_util.keystr(p).endswith("['kernel']")}
+  assert decayed == kernels and kernels
+  assert not any("pos_embedding" in n or "cls" in n or "bias" in n or "scale" in n
+                 for n in decayed)
 
 
 def test_ema_tracks_the_parameters(data_dir):
