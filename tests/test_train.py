@@ -268,3 +268,45 @@ def test_checkpoints_accept_a_relative_workdir(tmp_path, monkeypatch):
   assert restored["meta"]["step"] == 1 and restored["meta"]["note"] == "x"
   np.testing.assert_array_equal(restored["params"]["w"], np.ones(3))
   assert (tmp_path / "relative" / "run" / "checkpoints" / "1").is_dir()
+
+
+def _while_bodies_have_collectives(hlo: str) -> tuple[int, bool]:
+  """(number of while loops, whether any loop body, or what it calls, has a collective)."""
+  import re
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header:
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+  bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
+  seen, todo = set(), list(bodies)
+  while todo:
+    current = todo.pop()
+    if current in seen or current not in computations:
+      continue
+    seen.add(current)
+    text = "\n".join(computations[current])
+    todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", text)
+  collective = any(op in "\n".join(computations[c]) for c in seen
+                   for op in ("all-reduce", "all-gather", "collective-permute", "all-to-all"))
+  return len(bodies), collective
+
+
+def test_train_step_pgd_loop_has_no_collective(data_dir):
+  """On 8 devices the only collective is the gradient all-reduce; each device attacks its shard."""
+  config = train.resolve_config(small_config(data_dir))
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  model = create_model(config.model)
+  optimizer = train.make_optimizer(config.optimizer, 10)
+  step = train.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(config.data,
+                                                                  global_batch_size=64, seed=0)))
+  hlo = step.lower(state, batch).compile().as_text()
+  assert "all-reduce" in hlo  # the detector sees the gradient all-reduce outside the loop
+  loops, collective_in_loop = _while_bodies_have_collectives(hlo)
+  assert loops >= 1 and not collective_in_loop
