@@ -1,0 +1,160 @@
+"""Tests of adv_soups.attacks.checks: each check fires on a model (or numbers) made to trigger it
+and stays silent on a normal model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adv_soups.attacks import checks
+
+KEY = jax.random.PRNGKey(0)
+X = jax.random.uniform(KEY, (32, 4, 4, 3))
+W = jax.random.normal(jax.random.PRNGKey(1), (48, 10))
+B = jax.random.normal(jax.random.PRNGKey(2), (10,))
+
+
+def linear(x):
+  """A normal model: random linear logits [B, 10]."""
+  return x.reshape(x.shape[0], -1) @ W + B
+
+
+W2 = jax.random.normal(jax.random.PRNGKey(3), (10, 5))
+
+
+def mlp(x):
+  """A normal model: a random 2-layer GELU MLP, 5 classes."""
+  return jax.nn.gelu(x.reshape(x.shape[0], -1) @ W) @ W2
+
+
+LABELS = np.asarray(jnp.argmax(linear(X), -1))
+
+
+def test_randomized():
+  calls = {"n": 0}
+
+  def dropout_at_eval(x):  # a fresh dropout mask on every call
+    calls["n"] += 1
+    keep = jax.random.bernoulli(jax.random.PRNGKey(calls["n"]), 0.9, x.shape)
+    return linear(jnp.where(keep, x / 0.9, 0.0))
+  msg = checks.check_randomized(dropout_at_eval, X, LABELS)
+  assert msg and "randomised" in msg and "\n" not in msg
+  assert calls["n"] == checks.RANDOMIZED_REPEATS
+  assert checks.check_randomized(linear, X, LABELS) is None
+  assert checks.check_randomized(jax.jit(mlp), X, n=3) is None
+  # Logits that vary only below the tolerance (1e-4 after normalisation) stay silent; above
+  # it they fire, also without labels.
+  for scale, fires in ((1e-7, False), (1e-2, True)):
+    noise = iter(np.random.RandomState(0).randn(5, 32, 10) * scale)
+    msg = checks.check_randomized(lambda x: linear(x) + next(noise), X)
+    assert (msg is not None) == fires, (scale, msg)
+  with pytest.raises(ValueError, match="n must be an integer >= 2, got n=1"):
+    checks.check_randomized(linear, X, n=1)
+
+
+def test_probabilities():
+  msg = checks.check_probabilities(jax.nn.softmax(linear(X)))
+  assert msg and "probabilities" in msg
+  assert checks.check_probabilities(linear(X)) is None
+  assert checks.check_probabilities(jax.nn.log_softmax(linear(X))) is None
+  # In [0, 1] but not summing to 1 (e.g. sigmoids), or summing to 1 with negative entries: not
+  # a distribution, silent.
+  assert checks.check_probabilities(jax.nn.sigmoid(linear(X))) is None
+  assert checks.check_probabilities(jnp.array([[0.9, 0.6, -0.5], [0.2, 0.3, 0.5]])) is None
+
+
+def quantised(x):
+  """Inputs rounded to 1/16 before a linear layer: zero input gradient almost everywhere."""
+  return linear(jnp.round(x * 16) / 16)
+
+
+def test_zero_gradients():
+  msg = checks.check_zero_gradients(quantised, X, LABELS, KEY, eps=8 / 255)
+  assert msg and msg.startswith("32 of 32 points") and "zero" in msg
+  assert checks.check_zero_gradients(linear, X, LABELS, KEY, eps=8 / 255) is None
+  mlp_labels = jnp.argmax(mlp(X), -1)
+  assert checks.check_zero_gradients(mlp, X, mlp_labels, KEY, eps=0.5, norm="l2") is None
+  # A model that is flat on part of the input space only: the count says how many points.
+  half = lambda x: jnp.where(jnp.arange(x.shape[0])[:, None] < 12, quantised(x), linear(x))
+  mask = checks.zero_gradient_mask(half, X, LABELS)
+  np.testing.assert_array_equal(mask, np.arange(32) < 12)
+  assert checks.check_zero_gradients(half, X, LABELS).startswith("12 of 32 points")
+  # Tiny but non-zero gradients are not zero.
+  flat = lambda x: linear(1e-6 * x)
+  assert checks.check_zero_gradients(flat, X, jnp.argmax(flat(X), -1)) is None
+  # It is the DLR loss's gradient: where the label is the third-highest class DLR is the
+  # constant 1 (a zero gradient, up to float rounding on some points), though the
+  # cross-entropy's gradient is not zero there.
+  third = jnp.argsort(linear(X), axis=-1)[:, -3]
+  assert checks.check_zero_gradients(linear, X, third)
+  # Two classes: the margin loss stands in for DLR.
+  two = lambda x: linear(x)[:, :2]
+  two_labels = jnp.argmax(two(X), -1)
+  assert checks.check_zero_gradients(two, X, two_labels) is None
+  assert checks.check_zero_gradients(lambda x: quantised(x)[:, :2], X, two_labels)
+
+
+def test_square_sr():
+  msg = checks.check_square_sr(0.50, 0.49)
+  assert msg and "1.00 points" in msg and "50.00% -> 49.00%" in msg
+  assert checks.check_square_sr(0.50, 0.499) is None  # within AutoAttack's 0.002
+  assert checks.check_square_sr(0.50, 0.50) is None
+  assert checks.check_square_sr(0.50, 0.499, tolerance=0.0)
+  with pytest.raises(ValueError, match="acc_after_square must be a fraction in"):
+    checks.check_square_sr(0.5, 49.0)
+
+
+def test_n_classes():
+  msg = checks.check_n_classes(3, ("apgd-ce", "apgd-t", "fab-t", "square"), 9)
+  assert msg and "targeted DLR" in msg and "FAB-T asks for 9 target classes but only 2" in msg
+  msg = checks.check_n_classes(5, ("apgd-ce", "apgd-t"), 9)
+  assert msg == ("APGD-T asks for 9 target classes but only 4 exist, "
+                 "see AutoAttack's flags_doc.md")
+  assert "DLR loss needs >= 3" in checks.check_n_classes(2, ("apgd-dlr",), 1)
+  assert checks.check_n_classes(3, ("apgd-dlr",), 9) is None  # untargeted DLR works with 3
+  assert checks.check_n_classes(10, ("apgd-ce", "apgd-t", "fab-t", "square"), 9) is None
+  assert checks.check_n_classes(2, ("apgd-ce", "square"), 9) is None
+  assert "FAB-T" in checks.check_n_classes(10, ("fab-t",), 9, fab_targets=10)
+
+
+def test_dynamic():
+  def purifier(x):  # a few gradient steps on the input before classifying: a dynamic defence
+    energy = lambda z: jnp.sum(linear(z) ** 2)
+    for _ in range(2):
+      x = x - 0.01 * jax.grad(energy)(x)
+    return linear(x)
+  msg = checks.check_dynamic(purifier, X)
+  assert msg and "grad" in msg
+  assert checks.check_dynamic(lambda x: jax.vjp(linear, x)[0], X)
+  assert checks.check_dynamic(linear, X) is None
+
+  def grad(x):  # a function that is merely named like JAX's entry point
+    return 2 * x
+  assert checks.check_dynamic(lambda x: linear(grad(x)), X) is None
+  assert checks.check_dynamic(mlp, X) is None  # gelu, relu-like custom_jvp functions are fine
+
+
+def test_dynamic_silent_on_the_project_vit():
+  from adv_soups.models import create_model, init_params
+  from configs import digits
+  config = digits.get_config().model
+  config.update(depth=1, width=16, num_heads=2, mlp_dim=32)
+  model = create_model(config)
+  channels = 1  # the digits are grey
+  # Only traced, so zero parameters of the right shapes do.
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        jax.eval_shape(lambda: init_params(model, KEY, channels)))
+  x = jnp.zeros((2, 8, 8, channels))
+  fn = lambda z: model.apply({"params": params}, z, jnp.zeros((z.shape[0],), jnp.int32))
+  assert checks.check_dynamic(fn, x) is None
+
+
+def test_eps_grid():
+  msg = checks.check_eps_grid([0.0, 0.1, 0.2], [0.9, 0.5, 0.6], tolerance=0.05)
+  assert msg and "50.00% at eps=0.1 but 60.00% at eps=0.2" in msg
+  # Unsorted grids are compared by eps, not by position.
+  assert checks.check_eps_grid([0.2, 0.0, 0.1], [0.6, 0.9, 0.5], tolerance=0.05) == msg
+  assert checks.check_eps_grid([0.0, 0.1, 0.2], [0.9, 0.5, 0.54], tolerance=0.05) is None
+  assert checks.check_eps_grid([0.0, 0.1, 0.2], [0.9, 0.5, 0.4]) is None
+  assert checks.check_eps_grid([0.1, 0.1], [0.5, 0.6]) is None  # same eps: not a rise
+  with pytest.raises(ValueError, match="same length"):
+    checks.check_eps_grid([0.1, 0.2], [0.5])
