@@ -3,6 +3,13 @@
 `adv_soups.load(workdir)` returns a trained model (predict / soup / attack at any alpha); see
 `adv_soups.loading`. Submodules are imported lazily, so `import adv_soups` stays cheap.
 """
+import os
+
+# Before TensorFlow loads (every `python -m adv_soups.X` runs this first): no C++ INFO lines and
+# no oneDNN banner, so a program's screen starts with our own lines. A value the user set wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 __version__ = "0.1.0"
 
 

@@ -87,3 +87,47 @@ def parse_alphas(text: str, extrapolate: bool = False) -> list[float]:
   elif not all(math.isfinite(a) for a in alphas):
     raise ValueError(f"--alphas={text} contains a non-finite value: allowed finite numbers")
   return alphas
+
+
+def define_flags(specs) -> flags.FlagValues:
+  """A fresh absl FlagValues holding `specs` ((kind, name, default, help) tuples), so that a
+  program's main() can run more than once in one process (tests)."""
+  values = flags.FlagValues()
+  for kind, name, default, help_text in specs:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=values)
+  return values
+
+
+# The flags `evaluate` and `sweep` share: (kind, name, default, help).
+EVAL_FLAGS = (
+    ("string", "workdir", None, "Training workdir (config.json + checkpoints)."),
+    ("string", "attack", None, "pgd, apgd-ce, apgd-t, fab-t, square, autoattack (the standard "
+     "version: APGD-CE, APGD-T, FAB-T, Square), none, or a comma list such as apgd-ce,apgd-t "
+     "(AutoAttack's white-box core)."),
+    ("string", "eps", None, "Attack radius in pixels, e.g. 0.1 or 4/255 (default: the config's)."),
+    ("string", "norm", None, "linf or l2 (default: config.attack.norm)."),
+    ("integer", "steps", None, "Iterations of the gradient attacks (default: "
+     "config.eval.attack_steps for PGD, 100 for APGD and FAB)."),
+    ("integer", "square_queries", None, "Queries of the Square attack (default 5000)."),
+    ("string", "dataset", None, "Dataset (default: the run's)."),
+    ("string", "split", None, "Split (default: config.eval.split or the dataset's eval split)."),
+    ("string", "shifts", "", "Comma-separated shifted datasets, e.g. imagenet_v2,imagenet_r,"
+     "imagenet2012_corrupted (= the mean over its 75 corruption x severity sets)."),
+    ("integer", "num_examples", None, "Examples per dataset (default: config.eval's, or all)."),
+    ("integer", "batch_size", None, "Rows per compiled call (default: config.eval.batch_size)."),
+    ("integer", "step", None, "Checkpoint step (default: the latest)."),
+    ("string", "data_dir", None, "TFDS data_dir (default: the run's config.data.data_dir)."),
+    ("string", "out_dir", None, "Where reports go (default: WORKDIR/eval or WORKDIR/sweep)."),
+    ("integer", "save_every", 32, "Data batches per saved chunk of results (a relaunch of the "
+     "same command resumes after the last saved chunk)."),
+)
+
+
+def request_kwargs(values: flags.FlagValues) -> dict:
+  """The `evaluation.make_request` keyword arguments of the EVAL_FLAGS in `values`."""
+  names = ("attack", "eps", "norm", "steps", "square_queries", "dataset", "split", "shifts",
+           "num_examples", "batch_size", "step", "data_dir")
+  out = {n: getattr(values, n) for n in names}
+  if out["attack"] is None:
+    del out["attack"]
+  return out

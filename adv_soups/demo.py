@@ -10,12 +10,13 @@ import os
 import sys
 import time
 
-from absl import flags
+from adv_soups import cli, train
+from adv_soups.attacks import suites
+from adv_soups.evaluation import reports, requests, run
 
-from adv_soups import cli, sweep, train
-
-_ATTACK = flags.DEFINE_string("attack", "apgd-ce", "Sweep attack: pgd, apgd-ce or autoattack.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Sweep on the first N test examples.")
+DEMO_FLAGS = (("string", "attack", "apgd-ce", "Sweep attack: one of the attacks or suites of "
+               "`python -m adv_soups.sweep --help` (pgd, apgd-ce, autoattack, ...)."),
+              ("integer", "num_examples", None, "Sweep on the first N test examples."))
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "digits.py")
 
@@ -26,20 +27,25 @@ def main(argv: list[str] | None = None) -> None:
     argv.insert(1, f"--config={CONFIG}")  # before any --config.a.b=value override
   if not any(a.startswith("--workdir") for a in argv[1:]):
     argv.append("--workdir=workdirs/digits_demo")
-  attack = next((a.split("=", 1)[1] for a in argv if a.startswith("--attack=")), _ATTACK.default)
-  if attack not in ("pgd", "apgd-ce", "autoattack"):  # checked before training, not after
-    cli.fail(f"unknown --attack={attack!r}: allowed pgd, apgd-ce, autoattack")
+  attack = next((a.split("=", 1)[1] for a in argv if a.startswith("--attack=")), DEMO_FLAGS[0][2])
+  try:  # checked before training, not after
+    suites.parse_suite(attack)
+  except ValueError as e:
+    cli.fail(f"--attack={attack!r}: {e}")
   start = time.time()
   print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
-  train.main(argv)
-  workdir = flags.FLAGS.workdir
+  values = train.define_flags(DEMO_FLAGS)  # train's flags (multi-process ones included) + ours
+  train.main(argv, values)
+  workdir = values.workdir
   print(f"[demo] trained in {time.time() - start:.0f} s", flush=True)
-  print(f"[demo] 2/2 adversarial model soups: 11 alphas, {_ATTACK.value}", flush=True)
-  result = sweep.run_sweep(workdir, alphas=[i / 10 for i in range(11)], attack=_ATTACK.value,
-                           num_examples=_NUM_EXAMPLES.value)
-  print(sweep.format_table(result))
-  print(f"[demo] wrote {os.path.join(workdir, 'sweep')}/sweep.{{csv,json,png}}; "
-        f"total {time.time() - start:.0f} s", flush=True)
+  print(f"[demo] 2/2 adversarial model soups: 11 alphas, {values.attack}", flush=True)
+  request = requests.make_request(workdir, alphas=[i / 10 for i in range(11)],
+                                  attack=values.attack, num_examples=values.num_examples)
+  result = run.run_request(request, kind="sweep")
+  print(reports.format_table(result))
+  stem = os.path.splitext(result["files"]["json"])[0]
+  print(f"[demo] wrote {stem}.{{json,csv,png,npz}}; total {time.time() - start:.0f} s",
+        flush=True)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ import numpy as np
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import soups
 from adv_soups import workdir as workdir_lib
-from adv_soups.attacks import apgd as apgd_fn  # the functions (attacks/__init__ exports them)
-from adv_soups.attacks import pgd as pgd_fn
+from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import fab as fab_lib
+from adv_soups.attacks import pgd as pgd_lib
+from adv_soups.attacks import square as square_lib
+from adv_soups.attacks import suites
 from adv_soups.models import create_model, init_params
 
-LOAD_ATTACKS = ("pgd", "apgd-ce")
+LOAD_ATTACKS = tuple(suites.ATTACKS)  # one attack at a time; suites run through `evaluate`
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> tuple[int, str]:
@@ -51,7 +54,7 @@ def checkpoint_step(workdir: str, step: int | None = None) -> tuple[int, str]:
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A trained model from a workdir. `params` live on one device (`jax.devices()[0]`).
+  """A trained model from a workdir. `params` live on this process's first device.
 
   Attributes:
     config: the run's resolved config (config.json).
@@ -135,8 +138,12 @@ class LoadedModel:
       images: float32 [B, H, W, C] in [0, 1]; labels: int [B].
       eps: radius in pixel units (a float or '4/255'); default the run's config.attack.eps
         (norm config.attack.norm).
-      steps: attack iterations; default config.eval.attack_steps for PGD, 100 for APGD-CE.
-      attack: 'pgd' (PGD-k, CE, step 2.5 eps / k, random start) or 'apgd-ce'.
+      steps: the attack's budget; default the table's (`attacks.suites`): config.eval.attack_steps
+        for PGD, 100 iterations for APGD and FAB, 5,000 queries for Square.
+      attack: one attack of `attacks.suites.ATTACKS`: 'pgd' (PGD-k, CE, step 2.5 eps / k,
+        random start), 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t' (its points may lie outside
+        eps: FAB is a minimal-distortion attack) or 'square'. For robust accuracy under a
+        whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
     """
     from adv_soups import cli  # local: keeps `import adv_soups` light
@@ -145,7 +152,7 @@ class LoadedModel:
     norm = self.config.attack.norm
     eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
     if steps is None:
-      steps = self.config.eval.attack_steps if attack == "pgd" else 100
+      steps = suites.resolve_steps((attack,), None, int(self.config.eval.attack_steps))[attack]
     images = self._images(images)
     labels = np.asarray(labels, np.int32)
     key = (attack, int(steps), norm)
@@ -157,10 +164,17 @@ class LoadedModel:
   def _attack_fn(self, attack: str, steps: int, norm: str):
     def fn(params, images, labels, domain, eps, rng):
       logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
+      common = dict(eps=eps, norm=norm)
       if attack == "pgd":
-        return pgd_fn(logits_fn, images, labels, rng, eps=eps, num_steps=steps, norm=norm)
-      return apgd_fn(logits_fn, images, labels, rng, eps=eps, num_steps=steps, norm=norm,
-                     loss="ce")
+        return pgd_lib.pgd(logits_fn, images, labels, rng, num_steps=steps, **common)
+      if attack in ("apgd-ce", "apgd-dlr"):
+        return apgd_lib.apgd(logits_fn, images, labels, rng, num_steps=steps, loss=attack[5:],
+                             **common)
+      if attack == "apgd-t":
+        return apgd_lib.apgd_t(logits_fn, images, labels, rng, num_steps=steps, **common)
+      if attack == "fab-t":
+        return fab_lib.fab_t(logits_fn, images, labels, rng, num_steps=steps, **common)
+      return square_lib.square(logits_fn, images, labels, rng, num_queries=steps, **common)
     return fn
 
 
@@ -168,21 +182,34 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   """The model of a training workdir at checkpoint `step` (default the latest).
 
   Reads config.json (tf.io.gfile) and the orbax checkpoint (epath), so local paths and remote
-  ones (gs://...) both work; CPU, GPU or TPU. Raises FileNotFoundError (no config.json / no
+  ones (gs://...) both work; CPU, GPU or TPU. Without `step`, a latest checkpoint that cannot be
+  read is moved to WORKDIR/damaged_checkpoints/ (one warning line) and the previous one is loaded.
+  Raises FileNotFoundError (no config.json / no
   checkpoint) or ValueError (the step does not exist: the message lists the available ones).
   """
   workdir = str(workdir)
   config = workdir_lib.load_config(workdir)
+  requested = step
   step, item = checkpoint_step(workdir, step)
   model = create_model(config.model)
   channels = int(config.model.get("channels", 3) or 3)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each process its own copy
   abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0), channels))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract)
   manager = ckpt_lib.Checkpoints(workdir, create=False)
   try:
-    params = manager.restore(step, targets={item: target}, items=(item,))[item]
+    if requested is not None:
+      params = manager.restore(step, targets={item: target}, items=(item,))[item]
+    else:  # the latest readable step: a damaged one is moved aside with one warning line
+      def restore(s):
+        name = "ema_params" if "ema_params" in manager.item_names(s) else "params"
+        return name, manager.restore(s, targets={name: target}, items=(name,))[name]
+      found = manager.restore_latest_readable(restore, workdir)
+      if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in workdir {workdir!r} (damaged ones "
+                                f"are in {ckpt_lib.DAMAGED_DIR}/)")
+      step, (item, params) = found
   finally:
     manager.close()
   return LoadedModel(config=config, model=model, params=params, step=step, workdir=workdir,

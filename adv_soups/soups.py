@@ -65,10 +65,11 @@ def interpolate(params: Any, weights: Sequence[float] | jax.Array) -> Any:
   return jax.tree.map(mix, params, domain_specific(params))
 
 
-def mix_weights(alphas: Sequence[float] | jax.Array) -> jax.Array:
-  """Mixing weights [A, 2] = [[1 - a, a] for a in alphas] for a two-domain model (float32)."""
-  alphas = jnp.asarray(alphas, jnp.float32).reshape(-1)
-  return jnp.stack([1.0 - alphas, alphas], axis=-1)
+def mix_weights(alphas: Sequence[float] | jax.Array) -> np.ndarray:
+  """Mixing weights [A, 2] = [[1 - a, a] for a in alphas] for a two-domain model (float32
+  numpy: host-side, so building a request compiles nothing)."""
+  alphas = np.asarray(alphas, np.float32).reshape(-1)
+  return np.stack([1.0 - alphas, alphas], axis=-1)
 
 
 def _check_match(trees: Sequence[Any]) -> None:

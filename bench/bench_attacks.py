@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_soups.attacks import apgd, losses, pgd
+from adv_soups.attacks import losses
+from adv_soups.attacks.apgd import apgd
+from adv_soups.attacks.pgd import pgd
 
 
 def init_vit(key, *, image=32, patch=4, width=192, depth=4, heads=3, mlp=768, classes=10):

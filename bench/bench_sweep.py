@@ -42,7 +42,8 @@ def train_tiny(workdir: str, data_dir: str) -> None:
   config = digits.get_config()
   config.data.data_dir = data_dir
   config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
-  config.train.update(steps=150, batch_size=64, log_every=50, eval_every=0, checkpoint_every=0)
+  config.train.update(steps=150, batch_size=64, log_every=50, checkpoint_every=0)
+  config.evals.val.every = 0
   config.attack.update(num_steps=2, eps=0.03)
   config.optimizer.update(learning_rate=5e-3, warmup_steps=10)
   config.eval.update(num_examples=64, batch_size=64, attack_steps=2)

@@ -2,11 +2,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from adv_soups import data as data_lib, evaluate, loading
+from adv_soups.evaluation import engine, reports, requests
 from conftest import tiny_digits_config, write_untrained_workdir
 
 
@@ -14,7 +16,7 @@ from conftest import tiny_digits_config, write_untrained_workdir
 # Shift names.
 
 def test_parse_shifts_expands_corrupted_families():
-  groups = dict(evaluate.parse_shifts(
+  groups = dict(requests.parse_shifts(
       "imagenet_r, imagenet2012_corrupted,cifar10_corrupted/*,imagenet2012_corrupted/fog_3"))
   assert groups["imagenet_r"] == ["imagenet_r"]
   assert len(groups["imagenet2012_corrupted"]) == 75 and len(groups["cifar10_corrupted"]) == 75
@@ -22,7 +24,7 @@ def test_parse_shifts_expands_corrupted_families():
   assert groups["imagenet2012_corrupted/fog_3"] == ["imagenet2012_corrupted/fog_3"]
   for bad in ("imagenet_q", "imagenet2012_corrupted/fog_9", "imagenet2012_corrupted/foo_1"):
     with pytest.raises(ValueError, match="Unknown dataset"):
-      evaluate.parse_shifts(bad)
+      requests.parse_shifts(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,11 +63,14 @@ def test_imagenet_r_restricts_predictions_to_its_200_classes(imagenet_workdir):
   # labelled with an out-of-subset unrestricted argmax, those examples are wrong.
   weights = np.asarray([[0.5, 0.5]], np.float32)
   for labels, expected in ((restricted, 1.0), (unrestricted, np.isin(unrestricted, subset))):
-    correct = evaluate.grid_clean_correct(
+    correct = engine.evaluate_columns(
         loaded.model, loaded.params, [dict(batch, label=labels.astype(np.int32))], weights,
-        class_subset=subset)
+        class_subset=subset).clean_correct
     np.testing.assert_array_equal(correct[:, 0], np.broadcast_to(expected, (24,)))
-  assert os.path.exists(os.path.join(imagenet_workdir, "eval", "eval_alpha0.5.json"))
+  assert report["files"]["json"] == os.path.join(
+      imagenet_workdir, "eval", "eval_imagenet2012-validation_n24_clean_alpha0.5_shifts-imagenet_r"
+      "_step1.json")
+  assert os.path.exists(report["files"]["json"])
 
 
 def test_corrupted_family_reports_the_mean_and_per_corruption(imagenet_workdir, monkeypatch):
@@ -81,26 +86,62 @@ def test_corrupted_family_reports_the_mean_and_per_corruption(imagenet_workdir, 
   assert list(entry["per_corruption"]) == ["gaussian_noise", "fog"]
   assert entry["per_corruption"]["fog"] == pytest.approx(
       np.mean([entry["per_dataset"][n] for n in names[2:]]))
-  assert "(mean of 4)" in evaluate.format_report(report)
+  assert "(mean of 4)" in reports.format_table(report)
 
 
 # ------------------------------------------------------------------------------------------------
 # The command line on the trained workdir.
 
-def test_evaluate_cli_reports_each_attack(trained_workdir, capsys):
-  evaluate.main(["evaluate", f"--workdir={trained_workdir}", "--alpha=1/2", "--attack=autoattack",
-                 "--steps=2", "--num_examples=16"])
+def test_evaluate_cli_reports_each_attack(workdir_copy, capsys):
+  evaluate.main(["evaluate", f"--workdir={workdir_copy}", "--alpha=1/2",
+                 "--attack=apgd-ce,apgd-t", "--steps=2", "--num_examples=16"])
   out = capsys.readouterr().out
-  assert "APGD-CE + APGD-T" in out and "white-box core" in out
-  assert "after APGD-CE" in out and "after + APGD-T" in out
-  with open(os.path.join(trained_workdir, "eval", "eval_alpha0.5.json")) as f:
+  assert "APGD-CE + APGD-T" in out and "white-box core" in out and "not the full" in out
+  assert "after APGD-CE %" in out and "robust %" in out
+  path = os.path.join(workdir_copy, "eval",
+                      "eval_digits-test_n16_apgd-ce2+apgd-t2_linf-eps0.03_alpha0.5_step150.json")
+  with open(path) as f:
     report = json.load(f)
   after = report["robust_accuracy_after"]
   assert list(after) == ["APGD-CE", "APGD-T"]
   assert report["clean_accuracy"] >= after["APGD-CE"] >= after["APGD-T"]
   assert after["APGD-T"] == report["robust_accuracy"]
   assert [a["name"] for a in report["attack"]["attacks"]] == ["apgd-ce", "apgd-t"]
-  assert report["num_examples"] == 16 and report["steps"] == 2
+  assert report["num_examples"] == 16 and report["attack"]["budgets"] == {"apgd-ce": 2,
+                                                                          "apgd-t": 2}
+
+
+def test_autoattack_is_the_standard_suite(workdir_copy):
+  """--attack=autoattack runs APGD-CE, APGD-T, FAB-T, Square in that order, each on the points
+  all earlier ones failed on, and the report names all four with the accuracy after each."""
+  report = evaluate.evaluate_one(workdir_copy, domain=1, attack="autoattack", steps=2,
+                                 square_queries=30, num_examples=24, progress=False)
+  after = report["robust_accuracy_after"]
+  assert list(after) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+  values = [report["clean_accuracy"]] + list(after.values())
+  assert values == sorted(values, reverse=True) and values[-1] == report["robust_accuracy"]
+  assert report["attack"]["description"].startswith("AutoAttack, standard version")
+  assert [a["name"] for a in report["attack"]["attacks"]] == ["apgd-ce", "apgd-t", "fab-t",
+                                                               "square"]
+  assert os.path.basename(report["files"]["json"]).startswith(
+      "eval_digits-test_n24_autoattack2-sq30_linf-eps0.03_domain1_step150")
+
+
+def test_reports_of_other_settings_do_not_overwrite(workdir_copy):
+  """A cheap run never overwrites a costlier one: the file names state the settings."""
+  common = dict(alpha=0.5, num_examples=16, progress=False)
+  costly = evaluate.evaluate_one(workdir_copy, attack="apgd-ce", steps=3, **common)
+  with open(costly["files"]["json"]) as f:
+    saved = f.read()
+  cheap = [evaluate.evaluate_one(workdir_copy, attack="none", **common),
+           evaluate.evaluate_one(workdir_copy, attack="apgd-ce", steps=1, **common),
+           evaluate.evaluate_one(workdir_copy, attack="apgd-ce", steps=3, eps=0.01, **common),
+           evaluate.evaluate_one(workdir_copy, attack="apgd-ce", steps=3, num_examples=8,
+                                 alpha=0.5, progress=False)]
+  paths = {r["files"]["json"] for r in cheap}
+  assert len(paths) == 4 and costly["files"]["json"] not in paths
+  with open(costly["files"]["json"]) as f:
+    assert f.read() == saved
 
 
 def test_domain_and_alpha_name_the_same_model(trained_workdir):
@@ -108,19 +149,28 @@ def test_domain_and_alpha_name_the_same_model(trained_workdir):
   by_domain = evaluate.evaluate_one(trained_workdir, domain=1, **kwargs)
   by_alpha = evaluate.evaluate_one(trained_workdir, alpha=1.0, **kwargs)
   assert by_domain["clean_accuracy"] == by_alpha["clean_accuracy"]
-  assert by_domain["model"] == "domain1" and by_alpha["model"] == "alpha1"
+  assert by_domain["model_label"] == "domain1" and by_alpha["model_label"] == "alpha1"
 
 
 @pytest.mark.parametrize("args,message", [
     (["--alpha=0.5", "--domain=1"], "exactly one of"),
     ([], "exactly one of"),
     (["--domain=2"], "--domain=2 is out of range"),
-    (["--alpha=0.5", "--attack=square"], "unknown attack 'square'"),
+    (["--alpha=0.5", "--attack=square2"], "unknown attack 'square2'"),
     (["--alpha=5"], "outside [0, 1]"),
     (["--alpha=nan"], "outside [0, 1]"),
+    (["--alpha=0.5", "--eps_grid=0.1"], "at least two eps"),
+    (["--alpha=0.5", "--steps=0"], "--steps=0 must be"),
 ])
 def test_evaluate_bad_input(args, message, trained_workdir, capsys):
+  """One line on stderr, exit 2, nothing written, nothing compiled."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *a, **k: compiles.append(event) if "backend_compile" in event else None)
+  before = sorted(os.walk(trained_workdir))
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(["evaluate", f"--workdir={trained_workdir}"] + args)
   err = capsys.readouterr().err.strip().splitlines()
   assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+  assert sorted(os.walk(trained_workdir)) == before
+  assert not compiles

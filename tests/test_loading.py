@@ -7,7 +7,7 @@ import pytest
 
 import adv_soups
 from adv_soups import data as data_lib
-from adv_soups.attacks import pgd
+from adv_soups.attacks.pgd import pgd
 from conftest import tiny_digits_config, write_untrained_workdir
 
 

@@ -1,5 +1,6 @@
-"""The soup sweep: all alphas in one pass equals one soup at a time, outputs, alpha selection on
-a shift, single-domain workdirs, bad input (one line, exit 2, nothing written or compiled)."""
+"""The soup sweep: all alphas in one pass equals one soup at a time and compiles once, outputs
+named by their settings, alpha selection on a shift, single-domain workdirs, bad input (one line,
+exit 2, nothing written or compiled)."""
 import csv
 import json
 import os
@@ -11,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from adv_soups import cli, data as data_lib, evaluate, loading, sweep
-from adv_soups.attacks import robust_accuracy
+from adv_soups import cli, data as data_lib, loading, sweep
+from adv_soups.attacks import suites
+from adv_soups.evaluation import engine, reports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,17 +53,30 @@ def test_parse_eps():
       cli.parse_eps(bad)
 
 
-def test_describe_attack_names_what_ran():
-  text = evaluate.describe_attack("autoattack", 100)
-  assert "APGD-CE + APGD-T" in text and "white-box core" in text and "not the full" in text
-  assert evaluate.describe_attack("pgd", 20) == "PGD-20"
-  assert evaluate.attack_names("autoattack") == ("apgd-ce", "apgd-t")
+def test_describe_names_what_ran():
+  budgets = suites.resolve_steps(suites.parse_suite("autoattack"), None, 20)
+  assert budgets == {"apgd-ce": 100, "apgd-t": 100, "fab-t": 100, "square": 5000}
+  text = suites.describe(suites.parse_suite("autoattack"), budgets)
+  assert text.startswith("AutoAttack, standard version: APGD-CE + APGD-T + FAB-T + Square")
+  core = suites.parse_suite("apgd-ce,apgd-t")
+  text = suites.describe(core, suites.resolve_steps(core, None, 20))
+  assert "white-box core" in text and "not the full AutoAttack" in text
+  assert not suites.describe(core, {"apgd-ce": 100, "apgd-t": 100}).startswith("AutoAttack")
+  assert suites.describe(("pgd",), {"pgd": 20}) == "PGD-20"
+  for bad, match in (("fgsm", "unknown attack 'fgsm'"), ("pgd,pgd", "twice"),
+                     ("apgd-ce,autoattack", "cannot be part")):
+    with pytest.raises(ValueError, match=match):
+      suites.parse_suite(bad)
 
 
 # ------------------------------------------------------------------------------------------------
 # All alphas at once == one soup at a time.
 
 def test_sweep_equals_separate_soups(trained_workdir):
+  """Each sweep column equals that soup evaluated on its own (a standalone one-domain model
+  built by parameter interpolation), with the same random starts: the starts are keyed by the
+  example, shared by its columns. Tolerance: one example, since the two paths compile different
+  programs (float rounding may flip a point at the boundary)."""
   alphas = [0.0, 0.5, 1.0]
   n = 48
   result = sweep.run_sweep(trained_workdir, alphas, attack="pgd", steps=2, num_examples=n,
@@ -69,48 +84,67 @@ def test_sweep_equals_separate_soups(trained_workdir):
   assert result["alphas"] == alphas and result["num_examples"] == n
   loaded = loading.load(trained_workdir)
   config = loaded.config
-  batches = lambda: data_lib.eval_batches(config.data, batch_size=64, num_examples=n)
   for a, row in zip(alphas, result["results"]):
     model, params = loaded.soup(a)  # a standalone single-domain model
     assert model.num_domains == 1
-    clean = evaluate.clean_accuracy(model, params, batches(), 0)
-    assert row["clean_accuracy"] == clean
-    # Random starts are keyed by an example's position in the stream of rows; the sweep's rows are
-    # (example x alpha), so example i under alpha a sits at i * A + a. Feed the soup the same
-    # repeated stream (domain 0) and read its column a: same starts, so the same outcome.
-    repeated = (dict(evaluate.expand(b, np.zeros([len(alphas)], np.int32))) for b in batches())
-    single = robust_accuracy(evaluate.model_logits_fn(model), repeated, params=params,
-                             eps=config.attack.eps, norm="linf", attacks=("pgd",), num_steps=2,
-                             seed=config.seed, batch_size=64)
-    robust = single.robust.reshape(-1, len(alphas))[:, alphas.index(a)]
-    assert row["robust_accuracy"] == pytest.approx(robust.mean(), abs=1e-12)
+    batches = data_lib.eval_batches(config.data, batch_size=64, num_examples=n)
+    single = engine.evaluate_columns(model, params, batches, np.zeros([1], np.int32),
+                                     attacks=("pgd",), budgets={"pgd": 2},
+                                     eps=config.attack.eps, seed=config.seed)
+    assert row["clean_accuracy"] == pytest.approx(single.clean_correct.mean(), abs=1.01 / n)
+    assert row["robust_accuracy"] == pytest.approx(single.robust.mean(), abs=1.01 / n)
   # The grid is not degenerate: the clean and the robust mode differ.
   assert result["results"][0] != result["results"][-1]
+
+
+def test_sweep_compiles_once_for_all_alphas(trained_workdir):
+  """One compiled program per stage and shape serves every alpha: a second sweep over other
+  alphas (same number of rows) compiles nothing. (Mutation: make the alphas static, e.g. close
+  the runner's logits function over the domain values, and every sweep recompiles.) The
+  gradient-masking checks compile their own small program per request: off here."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *a, **k: compiles.append(event) if "backend_compile" in event else None)
+  kwargs = dict(attack="pgd", steps=1, num_examples=40, progress=False, write=False,
+                batch_size=40, checks=False)
+  sweep.run_sweep(trained_workdir, "0:1:5", **kwargs)
+  assert compiles  # the listener sees this run's compilations
+  before = len(compiles)
+  sweep.run_sweep(trained_workdir, "0.1,0.3,0.6,0.7,0.9", **kwargs)
+  assert len(compiles) == before
 
 
 # ------------------------------------------------------------------------------------------------
 # Outputs.
 
-def test_sweep_writes_table_csv_json_png(trained_workdir, tmp_path):
+def test_sweep_writes_table_csv_json_png(workdir_copy, tmp_path):
   out = str(tmp_path / "sweep")
-  result = sweep.run_sweep(trained_workdir, "0:1:5", attack="pgd", num_examples=32, out_dir=out,
+  result = sweep.run_sweep(workdir_copy, "0:1:5", attack="pgd", num_examples=32, out_dir=out,
                            progress=False)
-  with open(os.path.join(out, "sweep.json")) as f:
+  name = "sweep_digits-test_n32_pgd2_linf-eps0.03_alphas0-1x5_step150"
+  assert sorted(os.listdir(out)) == sorted(name + ext for ext in (".csv", ".json", ".npz",
+                                                                   ".png"))
+  with open(os.path.join(out, name + ".json")) as f:
     saved = json.load(f)
-  for key in ("attack", "eps", "norm", "steps", "checkpoint_step", "num_examples", "alphas",
-              "results", "wall_time_s"):
+  for key in ("attack", "eps", "norm", "checkpoint_step", "num_examples", "alphas", "results",
+              "warnings", "wall_time_s"):
     assert key in saved, key
   assert saved["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
   assert saved["attack"]["names"] == ["PGD"] and saved["attack"]["description"] == "PGD-2"
-  assert saved["steps"] == 2 and saved["eps"] == pytest.approx(0.03)  # from the workdir's config
+  assert saved["attack"]["budgets"] == {"pgd": 2} and saved["eps"] == pytest.approx(0.03)
   assert saved["checkpoint_step"] == 150 and saved["num_examples"] == 32
-  with open(os.path.join(out, "sweep.csv")) as f:
+  with open(os.path.join(out, name + ".csv")) as f:
     rows = list(csv.DictReader(f))
   assert [float(r["alpha"]) for r in rows] == saved["alphas"]
   assert float(rows[2]["robust_accuracy"]) == pytest.approx(result["results"][2]["robust_accuracy"])
-  with open(os.path.join(out, "sweep.png"), "rb") as f:
+  with open(os.path.join(out, name + ".png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  table = sweep.format_table(result)
+  per_example = np.load(os.path.join(out, name + ".npz"))
+  assert per_example["clean_correct"].shape == (32, 5)
+  np.testing.assert_allclose(per_example["clean_correct"].mean(0),
+                             [r["clean_accuracy"] for r in saved["results"]])
+  assert not os.path.exists(os.path.join(out, name + ".partial"))  # cleaned up when done
+  table = reports.format_table(result)
   assert "PGD-2" in table and "robust %" in table and len(table.splitlines()) >= 2 + 1 + 5
 
 
@@ -119,7 +153,7 @@ def test_single_domain_workdir_is_one_alpha_free_row(single_domain_workdir):
                            progress=False, write=False)
   assert result["single_domain"] and result["alphas"] is None and len(result["results"]) == 1
   assert "single-domain" in result["notes"][0] and "ignored" in result["notes"][0]
-  assert "single-domain" in sweep.format_table(result)
+  assert "single-domain" in reports.format_table(result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +185,7 @@ def test_select_alpha_on_disjoint_examples(trained_run):
   for key, a in (("chosen", sel["chosen_alpha"]), ("alpha_0", 0.0), ("alpha_1", 1.0)):
     predictions = np.argmax(np.asarray(loaded.predict(scored_on, a)), -1)
     assert sel["heldout_accuracy"][key] == pytest.approx(np.mean(predictions == labels))
-  assert "held-out" in sweep.format_table(result)
+  assert "held-out" in reports.format_table(result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +210,8 @@ BAD = [
     (["--eps=4//255"], "malformed --eps"),
     (["--eps=2"], "out of range"),
     (["--attack=fgsm"], "unknown attack 'fgsm'"),
+    (["--attack=apgd-t", "--dataset=digits", "--num_examples=0"], "--num_examples=0"),
+    (["--square_queries=0"], "--square_queries=0"),
     (["--dataset=mnist"], "Unknown dataset 'mnist'"),
     (["--dataset=cifar10"], "3-channel images"),
     (["--shifts=imagenet_r"], "1000 classes"),
@@ -213,4 +249,7 @@ def test_bad_input_command_line(case, trained_workdir, no_config_workdir, no_che
   assert proc.returncode == 2, proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
+  # Our line comes first: TensorFlow's C++ banner is silenced before TensorFlow loads
+  # (mutation: drop the TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS defaults in adv_soups/).
+  assert proc.stderr.splitlines()[0] == errors[0], proc.stderr
   assert (set(os.listdir(workdir)) if os.path.isdir(workdir) else None) == before

@@ -22,7 +22,6 @@ puts its l_2 start on the sphere; we use the same start as `pgd`).
 """
 from __future__ import annotations
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ from jax import lax
 
 from adv_soups.attacks import losses as losses_lib
 
-# By module path: the package's __init__ rebinds the names `pgd` / `apgd` to the functions.
-pgd_lib = importlib.import_module("adv_soups.attacks.pgd")
+from adv_soups.attacks import pgd as pgd_lib
 
 MOMENTUM = 0.75
 RHO = 0.75

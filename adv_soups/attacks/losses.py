@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["LOSSES", "ce_loss", "check_loss", "dlr_loss", "get_loss", "log_ce_loss",
-           "margin_loss", "targeted_ce_loss", "targeted_dlr_loss", "targeted_margin_loss"]
+           "margin_loss", "soft_ce_loss", "targeted_ce_loss", "targeted_dlr_loss",
+           "targeted_margin_loss"]
 
 LOSSES = ("ce", "margin", "dlr")
 _DLR_DENOM_EPS = 1e-12
@@ -50,6 +51,15 @@ def ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Cross-entropy per example: logits [B, C], labels [B] int -> [B]."""
   logits = logits.astype(jnp.float32)
   return -jnp.sum(_onehot(labels, logits.shape[-1]) * jax.nn.log_softmax(logits), axis=-1)
+
+
+def soft_ce_loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
+  """Cross-entropy with soft targets per example: logits [B, C], targets [B, C] (rows summing to
+  1, e.g. mixup's) -> [B]. The attacks' "ce" loss for soft targets: the training loss itself (not
+  log CE: with label smoothing or mixed targets it does not saturate; a one-hot soft target gives
+  plain CE, which does)."""
+  logits = logits.astype(jnp.float32)
+  return -jnp.sum(soft_targets.astype(jnp.float32) * jax.nn.log_softmax(logits), axis=-1)
 
 
 def _log_softplus(t: jax.Array) -> jax.Array:

@@ -210,7 +210,9 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, rng: jax.Arra
     logits_fn: images [B, H, W, C] float32 -> logits [B, K]. Parameters are closed over (or
       constants): the attack differentiates only its input.
     images: [B, H, W, C] float32 in [0, 1].
-    labels: [B] int in [0, K).
+    labels: [B] int in [0, K), or soft targets [B, K] float (rows summing to 1, e.g. mixup's);
+      soft targets need loss "ce" and no `targets`, and the attack then maximises the soft-target
+      cross-entropy (`losses.soft_ce_loss`; restarts count a success as argmax != argmax(labels)).
     rng: a PRNG key; example i starts from `fold_in(rng, example_index[i])`.
     eps: radius of the threat model, in pixel units ([0, 1] for l_inf, >= 0 for l_2).
     num_steps: k >= 1 gradient steps.
@@ -231,12 +233,19 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, rng: jax.Arra
   Returns:
     Adversarial images [B, H, W, C] float32, inside the eps ball around `images` and in [0, 1].
   """
-  validate(logits_fn, images, labels, targets, eps=eps, norm=norm, num_steps=num_steps,
-           restarts=restarts, loss=loss, step_size=step_size)
+  soft = jnp.ndim(labels) == 2
+  if soft and (loss != "ce" or targets is not None):
+    raise ValueError(f"soft-target labels {jnp.shape(labels)} need loss 'ce' and no targets, got "
+                     f"loss={loss!r}, targets={'given' if targets is not None else None}")
+  validate(logits_fn, images, None if soft else labels, targets, eps=eps, norm=norm,
+           num_steps=num_steps, restarts=restarts, loss=loss, step_size=step_size)
   x = jnp.asarray(images, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
   step = 2.5 * eps / num_steps if step_size is None else jnp.asarray(step_size, jnp.float32)
-  loss_fn = losses_lib.get_loss(loss, targets is not None)
+  if soft:
+    loss_fn = lambda logits, soft_targets, _: losses_lib.soft_ce_loss(logits, soft_targets)
+  else:
+    loss_fn = losses_lib.get_loss(loss, targets is not None)
   index = _default_index(x, example_index)
   x = lax.stop_gradient(x)
 
@@ -257,7 +266,8 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, rng: jax.Arra
   def evaluate(xa):
     logits = logits_fn(xa)
     pred = jnp.argmax(logits, axis=-1)
-    success = (pred == targets) if targets is not None else (pred != labels)
+    truth = jnp.argmax(labels, axis=-1) if soft else labels
+    success = (pred == targets) if targets is not None else (pred != truth)
     return xa, success, loss_fn(logits, labels, targets)
 
   first = evaluate(one_run(0))

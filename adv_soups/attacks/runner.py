@@ -13,14 +13,17 @@ B examples per stage, not the dataset.
 Each batch is sharded over the mesh's `data` axis and each stage runs under `jax.shard_map`, one
 shard per device with no communication. Random starts are keyed by the example's index in the
 stream of (unmasked) examples, so results do not depend on the mesh, the batch size or the order
-in which the compaction groups examples. Single-process only (the compaction needs every example on
-one host); for multi-host evaluation run it per process and combine the counts.
+in which the compaction groups examples. It is process-local: under several processes each one
+runs it on its own shard on a process-local mesh, with `index_offset` = the global index of its
+first example, and the per-example results are combined afterwards.
+
+FAB-T returns minimally distorted points that may lie outside the eps ball: as in AutoAttack, a
+FAB point breaks an example only when it is misclassified *and* within eps.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -29,13 +32,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
+from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import fab as fab_lib
+from adv_soups.attacks import pgd as pgd_lib
+from adv_soups.attacks import square as square_lib
+from adv_soups.attacks import suites
 
-# By module path: the package's __init__ rebinds the names `pgd` / `apgd` to the functions.
-apgd_lib = importlib.import_module("adv_soups.attacks.apgd")
-pgd_lib = importlib.import_module("adv_soups.attacks.pgd")
-
-ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
-ALIASES = {"autoattack": ("apgd-ce", "apgd-t")}  # AutoAttack's white-box core, not the full suite
+ATTACKS = tuple(suites.ATTACKS)
 _CACHE_SIZE = 32
 _cache: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 
@@ -120,8 +123,15 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, settings):
       x_adv = pgd_lib.pgd(f, images, labels, rng, step_size=step_size, loss="ce", **common)
     elif attack in ("apgd-ce", "apgd-dlr"):
       x_adv = apgd_lib.apgd(f, images, labels, rng, loss=attack[5:], **common)
-    else:  # apgd-t, one target rank
+    elif attack == "apgd-t":  # one target rank
       x_adv = apgd_lib.apgd_t_single(f, images, labels, rng, rank, **common)[0]
+    elif attack == "fab-t":  # one target rank; its points may lie outside the eps ball
+      x_adv = fab_lib.fab_t_single(f, images, labels, rng, rank, **common)[0]
+      wrong = jnp.argmax(f(x_adv), axis=-1) != labels
+      return mask & ~(wrong & fab_lib.within_eps(x_adv, images, eps, s["norm"]))
+    else:  # square: num_steps counts queries
+      x_adv = square_lib.square(f, images, labels, rng, eps=eps, num_queries=s["num_steps"],
+                                norm=s["norm"], example_index=index)
     return mask & (jnp.argmax(f(x_adv), axis=-1) == labels)
   d = P(parallel.DATA_AXIS)
   sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),
@@ -168,25 +178,15 @@ def _pad(rows: dict, size: int) -> dict:
 # robust_accuracy
 # ---------------------------------------------------------------------------------------------
 def _expand_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
-  if isinstance(attacks, str):
-    attacks = (attacks,)
-  out = []
-  for a in attacks:
-    if a in ALIASES:
-      out.extend(ALIASES[a])
-    elif a in ATTACKS:
-      out.append(a)
-    else:
-      allowed = ", ".join(ATTACKS + tuple(ALIASES))
-      raise ValueError(f"unknown attack {a!r}; allowed: {allowed}")
-  return tuple(out)
+  return suites.parse_suite(",".join(attacks) if not isinstance(attacks, str) else attacks)
 
 
 def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict], *, eps: float,
                     norm: str = "linf", attacks: Sequence[str] | str = ("apgd-ce", "apgd-t"),
-                    num_steps: int = 100, restarts: int = 1, step_size: float | None = None,
-                    num_targets: int = apgd_lib.DEFAULT_NUM_TARGETS, mesh=None, seed: int = 0,
-                    params: Any = None, batch_size: int | None = None) -> RobustResult:
+                    num_steps: int | dict[str, int] = 100, restarts: int = 1,
+                    step_size: float | None = None, num_targets: int = suites.NUM_TARGETS,
+                    mesh=None, seed: int = 0, params: Any = None, batch_size: int | None = None,
+                    index_offset: int = 0) -> RobustResult:
   """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
 
   Args:
@@ -202,17 +202,25 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       depend on nothing else that changes between calls.
     batches: iterable of dicts: 'image' [b, H, W, C] float32 in [0, 1], 'label' [b] int,
       optional 'mask' [b] bool (False = padding, ignored), optional 'domain' (any per-example
-      array, e.g. int [b] or mixing weights [b, D]). Batch sizes may vary.
+      array, e.g. int [b] or mixing weights [b, D]), optional 'key' [b] int (the index that keys
+      each row's random starts; default its position in the stream plus `index_offset`: rows
+      that share a key, e.g. one example under several soups, share their starts). Batch sizes
+      may vary.
     eps: threat-model radius in pixels (l_inf: [0, 1]; l_2: >= 0). eps = 0 skips no work but
       returns robust == clean_correct.
     norm: "linf" or "l2".
-    attacks: names among "pgd" (PGD-k, CE, step 2.5 eps / k unless `step_size`), "apgd-ce",
-      "apgd-dlr", "apgd-t" (targeted DLR over `num_targets` runner-up classes, one stage per
-      target), or "autoattack" (= "apgd-ce", "apgd-t": AutoAttack's white-box core only).
-    num_steps: iterations of every attack (PGD-k's k; APGD's N, 100 in AutoAttack).
+    attacks: names of `suites.ATTACKS`: "pgd" (PGD-k, CE, step 2.5 eps / k unless `step_size`),
+      "apgd-ce", "apgd-dlr", "apgd-t" (targeted DLR over `num_targets` runner-up classes, one
+      stage per target), "fab-t" (targeted FAB, one stage per target; a point counts only within
+      eps), "square" (score-based); or a suite name ("autoattack" = the standard version:
+      APGD-CE, APGD-T, FAB-T, Square), or a comma list.
+    num_steps: iterations of every iteration attack (PGD-k's k; APGD's and FAB's N, 100 in
+      AutoAttack) and Square's queries, or a dict {attack name: budget}.
     restarts: random restarts of every attack.
-    mesh: a `jax.sharding.Mesh` with a `data` axis (default `parallel.make_mesh()`: all devices).
+    mesh: a `jax.sharding.Mesh` with a `data` axis (default: this process's devices).
     seed: random starts use fold_in(fold_in(PRNGKey(seed), attack position), example index).
+    index_offset: the index of the first example (a process's or a resumed chunk's offset in
+      the global stream), so random starts do not depend on how the stream is split.
     batch_size: examples per compiled call (default: the first batch's size), rounded up to a
       multiple of the number of devices.
 
@@ -220,10 +228,15 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     A `RobustResult` (accuracies, per-example flags, the attacks and their settings).
   """
   names = _expand_attacks(attacks)
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts)
-  if jax.process_count() > 1:
-    raise ValueError("robust_accuracy is single-process; run it per process and sum the counts")
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  budgets = (dict(num_steps) if isinstance(num_steps, dict)
+             else {n: int(num_steps) for n in names})
+  for n in names:
+    if n not in budgets:
+      raise ValueError(f"num_steps has no budget for attack {n!r}")
+    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=budgets[n], restarts=restarts)
+  if not names:
+    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, restarts=restarts)
+  mesh = parallel.make_mesh(jax.local_devices()) if mesh is None else mesh
   n_dev = mesh.devices.size
   has_params = params is not None
   # Cross-call cache only when the parameters are arguments; else one cache for this call.
@@ -259,19 +272,25 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     state.update(b=b, has_domain=has_domain, num_classes=num_classes)
     stages.append((-1, "clean", 0))
     for j, a in enumerate(names):
-      s = dict(name=a, norm=norm, eps=eps, num_steps=int(num_steps), restarts=int(restarts))
+      steps = budgets[a]
+      s = dict(name=a, norm=norm, eps=eps, num_steps=int(steps), restarts=int(restarts))
+      if num_classes < suites.ATTACKS[a].min_classes:
+        raise ValueError(f"{a} needs >= {suites.ATTACKS[a].min_classes} classes, got "
+                         f"num_classes={num_classes}")
       if a == "pgd":
-        s.update(loss="ce", step_size=(2.5 * eps / num_steps if step_size is None
+        s.update(loss="ce", step_size=(2.5 * eps / steps if step_size is None
                                        else float(step_size)))
         stages.append((j, a, 0))
       elif a in ("apgd-ce", "apgd-dlr"):
         s.update(loss=a[5:])
-        if a == "apgd-dlr" and num_classes < 3:
-          raise ValueError(f"apgd-dlr needs >= 3 classes, got num_classes={num_classes}")
         stages.append((j, a, 0))
-      else:
-        n_t = apgd_lib.num_apgd_targets(num_classes, num_targets)
-        s.update(loss="dlr-targeted", num_targets=n_t)
+      elif a == "square":
+        s.update(loss="margin", num_queries=int(steps), restarts=1)
+        stages.append((j, a, 0))
+      else:  # targeted: one stage per runner-up class
+        n_t = (apgd_lib.num_apgd_targets(num_classes, num_targets) if a == "apgd-t"
+               else min(int(num_targets), num_classes - 1))
+        s.update(loss="dlr-targeted" if a == "apgd-t" else "fab-targeted", num_targets=n_t)
         stages.extend((j, a, r) for r in range(n_t))
       settings_out.append(s)
     queues.extend(_Queue() for _ in stages)
@@ -299,7 +318,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     if a == "clean":
       out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"])
     else:
-      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["index"],
+      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
                attack_keys[j], np.int32(rank), np.float32(eps),
                np.float32(settings_out[j].get("step_size", 0.0)))
     return np.asarray(out)[: int(rows["mask"].sum())]
@@ -318,7 +337,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       rows = queues[k].pop(state["b"])
       survived = run_stage(k, rows)
       j = stages[k][0]
-      for i, ok in zip(rows["index"].tolist(), survived.tolist()):
+      for i, ok in zip((rows["index"] - index_offset).tolist(), survived.tolist()):
         if j < 0:
           clean_correct[i] = ok
         elif not ok:
@@ -335,6 +354,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     keep = (np.ones(len(labels), bool) if batch.get("mask") is None
             else np.asarray(batch["mask"]).astype(bool))
     rows = dict(image=images[keep], label=labels[keep])
+    if "key" in batch:
+      rows["key"] = np.asarray(batch["key"]).astype(np.int32)[keep]
     if "domain" in batch:
       rows["domain"] = np.asarray(batch["domain"])[keep]
     if not stages:
@@ -343,7 +364,10 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       raise ValueError("either every batch or none must carry 'domain'")
     pgd_lib.check_data(rows["image"], rows["label"], state["num_classes"])
     m = len(rows["label"])
-    rows["index"] = np.arange(state["n"], state["n"] + m, dtype=np.int32)
+    rows["index"] = np.arange(index_offset + state["n"], index_offset + state["n"] + m,
+                              dtype=np.int32)
+    if "key" not in rows:
+      rows["key"] = rows["index"]
     state["n"] += m
     clean_correct.extend([False] * m)
     broken_by.extend([-1] * m)
