@@ -15,6 +15,9 @@ Data config fields (`config.data`, an ml_collections ConfigDict; a dict works to
   crop_min_scale  ImageNet random-resized-crop minimum area fraction (default 0.08; the maximum is
                   1, aspect ratios 3/4..4/3, as Inception / torchvision).
   prefetch        batches to prefetch (default 2).
+  randaugment     ConfigDict(num_ops, magnitude, magnitude_std, prob, fill): timm's RandAugment
+                  (`adv_soups.data.randaugment`) on the uint8 image after the augmentation below,
+                  before the conversion to float; num_ops = 0 (the default) is off.
 
 Training augmentation (all stateless, keyed by (seed, process index, position in the stream)):
   digits   zero-pad 1 px and random-crop back to 8x8 (a +-1 px translation); no flip (digits are
@@ -23,6 +26,9 @@ Training augmentation (all stateless, keyed by (seed, process index, position in
   imagenet Inception-style random resized crop (area fraction [crop_min_scale, 1], aspect ratio
            [3/4, 4/3], 10 attempts then the whole image), resized (bilinear, antialiased) to
            image_size, horizontal flip. The crop is decoded straight from the JPEG.
+  then, where `randaugment.num_ops` > 0, RandAugment on the image rounded to uint8 (exact for
+  digits / cifar; for imagenet the resized crop is rounded, as PIL's resize would), with its own
+  seed folded from the element's, then back to float.
 Evaluation preprocessing:
   digits / cifar  none (resized if image_size differs from the native size).
   imagenet        resize the shorter side to round(image_size / 0.875) (bilinear, antialiased),
@@ -48,10 +54,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from adv_soups.data import digits as digits_lib
+from adv_soups.data import randaugment as randaugment_lib
 from adv_soups.data import registry
 
 _DEFAULTS = {"data_dir": None, "image_size": None, "shuffle_buffer": 10_000,
-             "crop_min_scale": 0.08, "prefetch": 2}
+             "crop_min_scale": 0.08, "prefetch": 2, "randaugment": None}
+_RANDAUGMENT_STREAM = 0x52414E44  # folded into each element's seed for RandAugment's draws
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -150,8 +158,31 @@ def _central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[top:top + size, left:left + size, :]
 
 
-def _train_preprocess(spec, size, min_scale):
-  """fn(seed [2] int64, example) -> {'image', 'label'}: stateless augmentation keyed on `seed`."""
+def _randaugment_settings(config: Any) -> dict[str, Any] | None:
+  """The RandAugment keyword arguments of `config.data.randaugment`, or None when it is off."""
+  settings = _field(config, "randaugment")
+  if settings is None or not int(settings.get("num_ops", 0) or 0):
+    return None
+  kwargs = {"num_ops": int(settings["num_ops"]),
+            "magnitude": float(settings.get("magnitude", 9.0)),
+            "magnitude_std": float(settings.get("magnitude_std", 0.5)),
+            "prob": float(settings.get("prob", 0.5)),
+            "fill": tuple(settings.get("fill", randaugment_lib.IMAGENET_FILL))}
+  randaugment_lib.check_settings(**kwargs)
+  return kwargs
+
+
+def _apply_randaugment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, Any]) -> tf.Tensor:
+  """Float image in [0, 1] -> uint8 (exact for images decoded from uint8) -> RandAugment -> float."""
+  pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+  # Its own stream, folded from the element's seed: the other augmentations keep their seeds.
+  ra_seed = tf.random.experimental.stateless_fold_in(seed, _RANDAUGMENT_STREAM)
+  return _to_float(randaugment_lib.randaugment(pixels, ra_seed, **settings))
+
+
+def _train_preprocess(spec, size, min_scale, randaugment=None):
+  """fn(seed [2] int64, example) -> {'image', 'label'}: stateless augmentation keyed on `seed`;
+  `randaugment`: RandAugment keyword arguments, or None (off)."""
 
   def fn(seed, example):
     flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -167,6 +198,8 @@ def _train_preprocess(spec, size, min_scale):
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
       image = _maybe_resize(image, size, spec.image_size)
     image.set_shape((size, size, spec.channels))
+    if randaugment is not None:
+      image = _apply_randaugment(image, seed, randaugment)
     return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
   return fn
@@ -294,7 +327,8 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   base_seed = tf.constant([seed, index], tf.int64)
   ds = ds.enumerate().map(
       lambda i, ex: (tf.random.experimental.stateless_fold_in(base_seed, i), ex))
-  ds = ds.map(_train_preprocess(spec, size, float(_field(config, "crop_min_scale"))),
+  ds = ds.map(_train_preprocess(spec, size, float(_field(config, "crop_min_scale")),
+                                _randaugment_settings(config)),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(_field(config, "prefetch")))
   return TrainIterator(ds.with_options(_options()), local_batch)
