@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 WORKDIR ?= workdirs/digits_demo
 DEMO_FLAGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-torch-venv clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,17 @@ demo: install
 bench: install
 	$(PY) -m bench.bench_attacks
 	$(PY) -m bench.bench_sweep
+	$(PY) -m bench.peak
+	$(PY) -m bench.train_step $(if $(wildcard .venv-torch/bin/python),--baseline=torch)
+
+# The PyTorch eager baseline of bench/train_step lives in its own venv, never in the package's.
+# Python 3.11 on purpose: there torch 2.13.0 resolves to a CPU wheel on this disk (a 3.12 venv would
+# download a CUDA build of several GB).
+bench-torch-venv: .venv-torch/.installed
+
+.venv-torch/.installed:
+	python3.11 -m venv .venv-torch && .venv-torch/bin/pip install -q torch==2.13.0 numpy
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,7 +39,8 @@ def create_model(config: Any) -> ViT:
   """Builds the ViT from a ConfigDict (or dict) with `variant`, `num_classes`, `adapter`,
   `num_domains` (default 2) and `image_size`; optional: `patch_size`, `width`, `depth`,
   `num_heads`, `mlp_dim` (override the variant), `mean`, `std`, `dropout_rate`, `drop_path_rate`,
-  `dtype` ('float32' or 'bfloat16'). Bad values raise ValueError naming the value and the choices.
+  `dtype` ('float32' or 'bfloat16': the compute dtype; parameters stay float32), `remat`
+  (checkpoint each block's activations). Bad values raise ValueError naming the value and the choices.
   """
   name, patch = parse_variant(_get(config, "variant", "B/16"))
   width, depth, heads, mlp = (_get(config, k, d) for k, d in zip(_OVERRIDES, SIZES[name]))
@@ -74,7 +75,8 @@ def create_model(config: Any) -> ViT:
       mlp_dim=mlp, image_size=image_size, adapter=adapter, num_domains=num_domains,
       mean=tuple(_get(config, "mean", (0.5,))), std=tuple(_get(config, "std", (0.5,))),
       dropout_rate=_get(config, "dropout_rate", 0.0),
-      drop_path_rate=_get(config, "drop_path_rate", 0.0), dtype=DTYPES[dtype])
+      drop_path_rate=_get(config, "drop_path_rate", 0.0), dtype=DTYPES[dtype],
+      remat=bool(_get(config, "remat", False)))
 
 
 def init_params(model: ViT, rng: Any, channels: int = 3) -> Any:

@@ -75,7 +75,7 @@ class EncoderBlock(nn.Module):
     return jnp.where(mask, y / keep, 0.0).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, domain, *, train: bool):
+  def __call__(self, x, domain, train: bool = False):
     y = adapters.Norm(self.norm_domains, name="norm1")(x, domain)
     y = SelfAttention(self.num_heads, dtype=self.dtype, name="attention")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
@@ -105,6 +105,7 @@ class ViT(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
 
   def _domains_for(self, kind: str) -> int | None:
     return self.num_domains if self.adapter == kind else None
@@ -123,10 +124,12 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], self.width))
     x = nn.Dropout(self.dropout_rate)(x + pos.astype(x.dtype), deterministic=not train)
+    # nn.remat keeps the module's name, so the parameter tree is the same with and without it.
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self._domains_for("norm"), self.dropout_rate,
-                       rate, self.dtype, name=f"block{i:02d}")(x, domain, train=train)
+      x = block_cls(self.num_heads, self.mlp_dim, self._domains_for("norm"), self.dropout_rate,
+                    rate, self.dtype, name=f"block{i:02d}")(x, domain, train)
     x = adapters.Norm(self._domains_for("norm"), name="final_norm")(x, domain)
     logits = adapters.Head(self.num_classes, self._domains_for("head"), name="head")(x[:, 0], domain)
     return logits.astype(jnp.float32)
