@@ -1,7 +1,10 @@
-"""A run's workdir: its resolved config (config.json) and moving a previous run aside.
+"""A run's workdir: its resolved config (config.json), what a resume may change, and moving a
+previous run aside.
 
-Layout: config.json, checkpoints/ (orbax, see checkpoints.py), data_state/<step>/ (input-pipeline
-position for each checkpoint), events files (TensorBoard), sweep/ and eval/ (reports).
+Layout: config.json, checkpoints/ (orbax, see checkpoints.py), data_state/<step>/process_<i>/
+(each process's input-pipeline position for each checkpoint), events files (TensorBoard, process
+0 only), FINISHED (written when the run reached its last step), damaged_checkpoints/ (unreadable
+steps moved aside), previous_runs/ (--overwrite), sweep/ and eval/ (reports).
 """
 from __future__ import annotations
 
@@ -59,6 +62,23 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     elif _normalise(a) != _normalise(b):
       diffs.append(f"{name}: {a!r} -> {b!r}")
   return diffs
+
+
+# Fields a resumed run may change: they leave the trajectory (model, optimiser, data order) alone.
+# A name covers the field and everything under it.
+TRAJECTORY_NEUTRAL = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                      "data.data_dir", "eval", "evals")
+
+
+def resume_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+  """(allowed, refused): the `config_differences` of a resumed run's saved config `old` and its
+  new config `new`, split into trajectory-neutral ones (TRAJECTORY_NEUTRAL) and the others."""
+  allowed, refused = [], []
+  for diff in config_differences(old, new):
+    name = diff.split(":", 1)[0]
+    neutral = any(name == n or name.startswith(n + ".") for n in TRAJECTORY_NEUTRAL)
+    (allowed if neutral else refused).append(diff)
+  return allowed, refused
 
 
 def move_aside(workdir: str) -> str | None:

@@ -12,7 +12,9 @@ and `train` 1,437. Every example also carries `index`, its position in `load_dig
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -83,20 +85,34 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """The digits builder in `data_dir` (None = TFDS default), prepared if needed.
+  """The digits builder in `data_dir` (None = $TFDS_DATA_DIR or ~/tensorflow_datasets), prepared
+  if needed, once per data_dir.
 
-  Only process 0 writes; in multi-process runs every process waits at a barrier afterwards (all
-  processes must call this together). A process that still finds no data after the barrier (its
-  data_dir is a local disk, not shared with process 0) prepares its own identical copy.
+  A remote data_dir (gs://...) is prepared by process 0; a local one by one process per host under
+  a file lock (`<data_dir>/.digits.lock`: the others on that host wait for it, then find it
+  prepared), so hosts with their own disks each get their copy. With several processes all of
+  them must make their first call for a data_dir together: they meet at a barrier before
+  reading; later calls in the same process return at once (process-local).
   """
   import jax
-  builder = Digits(data_dir=data_dir)
-  if jax.process_index() == 0 and not builder.is_prepared():
-    builder.download_and_prepare()
+  where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  if os.fspath(where) in _PREPARED:  # later calls are process-local: no barrier, no global call
+    return Digits(data_dir=data_dir)
+  if "://" in os.fspath(where):
+    if jax.process_index() == 0 and not Digits(data_dir=data_dir).is_prepared():
+      Digits(data_dir=data_dir).download_and_prepare()
+  else:
+    os.makedirs(where, exist_ok=True)
+    with open(os.path.join(where, ".digits.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      builder = Digits(data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("adv_soups.data.digits prepared")
-    builder = Digits(data_dir=data_dir)  # re-read the info process 0 wrote
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-  return builder
+  _PREPARED.add(os.fspath(where))
+  return Digits(data_dir=data_dir)  # (re-)reads the prepared info
+
+
+_PREPARED: set[str] = set()  # data_dirs this process has seen prepared (after the barrier)
