@@ -82,7 +82,9 @@ def test_digits_builder(digits_dir, tmp_path):
 
 
 def test_digits_prepared_by_process_zero_only(tmp_path, monkeypatch):
-  """Process 1 of 2 writes nothing before the barrier; process 0 has prepared before it."""
+  """A local data_dir is prepared before the barrier by one process per host, under the host's
+  file lock (so hosts without a shared disk each make their copy); every process then meets the
+  others at the barrier with the data prepared."""
   from jax.experimental import multihost_utils
   at_barrier = []  # (process index, data_dir prepared?) at each barrier
   def barrier(name):
@@ -91,12 +93,12 @@ def test_digits_prepared_by_process_zero_only(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   current = str(tmp_path / "not_shared")
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  # Process 0 wrote elsewhere (no shared disk): process 1 makes its own copy after the barrier.
+  # Process 0 wrote elsewhere (no shared disk): process 1 makes its own copy before the barrier.
   assert data.prepare_digits(current).is_prepared()
   current = str(tmp_path / "shared")
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   assert data.prepare_digits(current).is_prepared()
-  assert at_barrier == [(1, False), (0, True)]
+  assert at_barrier == [(1, True), (0, True)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,18 +303,33 @@ def test_eval_batches_split_over_two_processes(digits_dir, monkeypatch, num_exam
 
 
 def test_train_split_over_two_processes(digits_dir, monkeypatch):
+  """Two processes read disjoint halves of the train split that together hold all of it less the
+  drop_remainder example (1,437 = 2 x 718 + 1). Examples are identified by their sklearn index,
+  put in the label by a wrapped preprocessing (mutation: `process_index=0` in train_iterator)."""
+  import tensorflow as tf
   from jax.experimental import multihost_utils
+  from adv_soups.data import pipeline
+  real = pipeline._train_preprocess
+
+  def with_index(*args, **kwargs):
+    fn = real(*args, **kwargs)
+    return lambda seed, ex: {**fn(seed, ex), "label": tf.cast(ex["index"], tf.int32)}
+  monkeypatch.setattr(pipeline, "_train_preprocess", with_index)
   monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   seen = []
   for index in (0, 1):
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    it = data.train_iterator(_digits_config(digits_dir, shuffle_buffer=2000),
+    # A small shuffle buffer: after 3 passes' worth of batches every example has come out.
+    it = data.train_iterator(_digits_config(digits_dir, shuffle_buffer=64),
                              global_batch_size=64, seed=0)
-    batch = next(it)
-    assert batch["image"].shape == (32, 8, 8, 1)
-    seen.append(batch)
-  assert not np.array_equal(seen[0]["image"], seen[1]["image"])
+    batches = _take(it, 3 * 718 // 32)
+    assert batches[0]["image"].shape == (32, 8, 8, 1)
+    seen.append(set(np.concatenate([b["label"] for b in batches]).tolist()))
+  train_index = set(_raw_split(digits_dir, "train")[2].tolist())
+  assert len(seen[0]) == len(seen[1]) == 718
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] <= train_index and len(train_index - (seen[0] | seen[1])) == 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,15 +41,36 @@ def test_vit_b16_has_the_reference_parameter_count():
   assert counts["none"] == (86_567_656, 0)
 
 
+def vit_param_count(width, depth, mlp_dim, patch, channels, image_size, classes):
+  """Parameters of a ViT with one class token, counted layer by layer (independent of our code)."""
+  tokens = (image_size // patch) ** 2 + 1
+  embed = patch * patch * channels * width + width
+  block = 2 * 2 * width + 4 * (width * width + width) + (width * mlp_dim + mlp_dim) + (
+      mlp_dim * width + width)
+  return embed + width + tokens * width + depth * block + 2 * width + width * classes + classes
+
+
 def test_domain_specific_counts_follow_the_formula():
+  """The package's counts (summary.count_by_adapter) against the layer-by-layer formula."""
   width, depth, classes = 768, 12, 1000
   counts = summary.count_by_adapter("B/16", num_classes=classes, image_size=224)
-  base = counts["none"][0]
+  base = vit_param_count(width, depth, 3072, 16, 3, 224, classes)
+  assert counts["none"] == (base, 0)
   num_norms = 2 * depth + 1
   expected = {"token": width, "norm": num_norms * 2 * width, "head": width * classes + classes}
   for adapter, per_domain in expected.items():
     assert counts[adapter] == (base + per_domain, per_domain), adapter
-  assert expected["norm"] / expected["token"] == 50  # the paper's "49x fewer" (50x the size)
+  assert counts["norm"][1] == 50 * counts["token"][1]  # the paper's "49x fewer" (50x the size)
+
+
+def test_count_params_of_a_built_model_follows_the_formula():
+  """soups.count_params on real parameter trees (2 domains) against the formula."""
+  for adapter, extra in (("token", 32), ("norm", (2 * 2 + 1) * 2 * 32), ("none", 0)):
+    model = create_model(tiny_config(adapter, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                     patch_size=4))
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    base = vit_param_count(32, 2, 64, 4, 3, 8, NUM_CLASSES)
+    assert soups.count_params(params) == (base + extra, extra), adapter
 
 
 def test_summary_table_lists_every_adapter():
@@ -160,19 +181,22 @@ def test_overrides_replace_variant_sizes():
       48, 1, 3, 96, 2)
 
 
-def test_jitted_forward_compiles_once_per_input_kind(images):
+def test_loaded_model_predict_compiles_once_per_batch_shape(images):
+  """`adv_soups.load(...).predict`'s jitted forward: one compilation serves every alpha (scalar or
+  per example) of a batch shape; a new batch shape compiles once more. Fails if, e.g., alpha 0
+  were passed as int domains instead of mixing weights."""
+  from adv_soups import loading
   model, params = built("token")
-  traces = []
-
-  @jax.jit
-  def forward(params, images, domain):
-    traces.append(domain.dtype)
-    return model.apply({"params": params}, images, domain)
-
-  for _ in range(3):
-    forward(params, images, jnp.zeros(6, jnp.int32)).block_until_ready()
-    forward(params, images, soups.mix_weights(jnp.full(6, 0.5))).block_until_ready()
-  assert len(traces) == 2
+  config = ml_collections.ConfigDict(dict(model=dict(tiny_config("token"), channels=3),
+                                          train=dict(mode="cotrain")))
+  run = loading.LoadedModel(config=config, model=model, params=params, step=0, workdir="memory")
+  outputs = [np.asarray(run.predict(images, alpha=alpha))
+             for alpha in (0.0, 0.5, 1.0, np.linspace(0, 1, 6))]
+  assert np.abs(outputs[0] - outputs[2]).max() > 1e-3  # the alphas did reach the model
+  assert run._predict._cache_size() == 1
+  run.predict(images[:4], alpha=0.0)
+  run.predict(images[:4], alpha=0.3)
+  assert run._predict._cache_size() == 2
 
 
 def test_dropout_and_drop_path_only_in_training(images):

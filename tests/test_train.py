@@ -1,5 +1,4 @@
 """The training program: modes, multi-device equivalence, resume, config.json, errors."""
-import json
 import os
 import shutil
 import subprocess
@@ -7,11 +6,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 
 from adv_soups import checkpoints, data as data_lib, parallel, train, workdir as workdir_lib
+from adv_soups.attacks.pgd import pgd
 from adv_soups.models import create_model
 from configs import digits as digits_config
 from configs import imagenet_vit_b16
@@ -90,7 +92,10 @@ def test_cotrain_step_on_8_devices_matches_1_device(data_dir):
 
 @pytest.mark.slow
 def test_resume_after_a_crash_equals_an_uninterrupted_run(data_dir, tmp_path):
+  """With EMA on: parameters, optimizer state and EMA parameters of the resumed run are
+  bit-identical to the uninterrupted run's (mutation: leave `ema_params` out of the restore)."""
   config = small_config(data_dir)
+  config.optimizer.ema_decay = 0.9
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   # Simulate a crash after the step-3 checkpoint: drop everything step 6 wrote.
   crashed = tmp_path / "crashed"
@@ -104,6 +109,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(data_dir, tmp_path):
   assert int(resumed.state.step) == 6
   params_close(resumed.state.params, full.state.params, atol=0)
   params_close(resumed.state.opt_state, full.state.opt_state, atol=0)
+  params_close(resumed.state.ema_params, full.state.ema_params, atol=0)
+  # The EMA is its own state: it differs from the parameters (so the check above is not theirs).
+  assert any(np.abs(np.asarray(e) - np.asarray(p)).max() > 1e-4 for e, p in zip(
+      jax.tree.leaves(full.state.ema_params), jax.tree.leaves(full.state.params)))
 
 
 def test_config_json_round_trips(data_dir, tmp_path):
@@ -145,7 +154,7 @@ def test_nonfinite_loss_stops_training_without_saving_it(data_dir, tmp_path, mon
 
 @pytest.mark.parametrize("group, field, value", [
     ("train", "mode", "semi"), ("data", "name", "mnist3d"), ("optimizer", "name", "lamb"),
-    ("attack", "norm", "l1"), ("train", "batch_size", 63), ("eval", "batch_size", 100),
+    ("attack", "norm", "l1"), ("train", "batch_size", 63), ("eval", "batch_size", 0),
     ("train", "keep_checkpoints", 0), ("optimizer", "ema_decay", 2.0),
     ("train", "label_smoothing", 1.5), ("model", "num_domains", 3)])
 def test_bad_config_values_raise_one_clear_error(group, field, value, data_dir):
@@ -242,22 +251,229 @@ def test_weight_decay_only_on_kernels(data_dir):
                  for n in decayed)
 
 
-def test_ema_tracks_the_parameters(data_dir):
-  config = small_config(data_dir)
-  config.optimizer.ema_decay = 0.9
-  config = train.resolve_config(config)
+# ------------------------------------------------------------------------------------------------
+# What the step does: EMA, the attacked adapter, the loss weights, label smoothing, the modes.
+# Each fixture compiles one step and runs it on one real digits batch; the tests read the states.
+
+@pytest.fixture(scope="module")
+def digits_batch(data_dir):
+  """One training batch of 64 real digits (host numpy)."""
+  config = train.resolve_config(small_config(data_dir))
+  return next(data_lib.train_iterator(config.data, global_batch_size=64, seed=0))
+
+
+def plain_sgd(config, learning_rate=0.5):
+  """SGD without momentum, decay, clipping or warm-up: an update is exactly -lr * gradient."""
+  config.optimizer.update(name="sgd", momentum=0.0, grad_clip_norm=0.0, weight_decay=0.0,
+                          warmup_steps=0, schedule="constant", learning_rate=learning_rate)
+  return config
+
+
+def randomized(params, seed=0):
+  """Every parameter plus Gaussian noise (std 0.3): the head and both class tokens start at
+  zero, where the logits are constant, PGD has no gradient and the two domains are one."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                            for x, k in zip(leaves, keys)])
+
+
+def run_steps(config, batch, num_steps, params_fn=None):
+  """Compiles `config`'s step on 8 devices and runs it `num_steps` times on `batch`.
+
+  Returns (model, host states [num_steps + 1] (the initial one first), host metrics per step).
+  """
   mesh = parallel.make_mesh()
   model = create_model(config.model)
   optimizer = train.make_optimizer(config.optimizer, 10)
   step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
-  start = jax.device_get(state.params)
-  batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(config.data,
-                                                                  global_batch_size=64, seed=0)))
-  state, _ = step(state, batch)
-  expected = jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, start, jax.device_get(state.params))
-  params_close(state.ema_params, expected, atol=1e-6)
-  assert train._eval_params(state) is state.ema_params
+  state = train.init_state(config, model, optimizer)
+  if params_fn is not None:
+    params = params_fn(state.params)
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+    state = state.replace(params=params, opt_state=optimizer.init(params), ema_params=ema)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  states, metrics = [jax.device_get(state)], []
+  for _ in range(num_steps):
+    state, m = step(state, parallel.shard_batch(mesh, batch))
+    states.append(jax.device_get(state))
+    metrics.append(jax.device_get(m))
+  return model, states, metrics
+
+
+def attack_rng(state):
+  """The PGD key of the step that starts from `state` (as make_train_step derives it)."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.rng)), state.step)
+  return jax.random.split(rng)[0]
+
+
+def pgd_and_ce(config, model):
+  """Jitted (params, images, labels, domain, rng) -> (PGD points against `domain`'s adapter, the
+  mean CE there under domain `ce_domain`): the training attack of `config`, on one device."""
+  a = config.attack
+
+  def fn(params, images, labels, domain, ce_domain, rng):
+    domains = jnp.full(labels.shape, domain, jnp.int32)
+    logits_fn = lambda x: model.apply({"params": params}, x, domains, train=False)
+    x_adv = pgd(logits_fn, images, labels, rng, eps=a.eps, num_steps=a.num_steps,
+                step_size=a.step_size, norm=a.norm)
+    logits = model.apply({"params": params}, x_adv, jnp.full(labels.shape, ce_domain, jnp.int32))
+    return x_adv, jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return jax.jit(fn)
+
+
+def mean_ce(model, params, images, labels, domain):
+  """Mean CE of `domain`'s model on images [B, H, W, C] (no attack)."""
+  logits = model.apply({"params": params}, images, jnp.full(labels.shape, domain, jnp.int32))
+  return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+
+
+def token_rows(state):
+  return np.asarray(state.params["cls_token"]["domain_cls"])
+
+
+@pytest.fixture(scope="module")
+def cotrain_adv_only(data_dir, digits_batch):
+  """cotrain, clean_weight 0, adv_weight 2, EMA 0.9, plain SGD: 2 steps from random params."""
+  config = train.resolve_config(small_config(data_dir, clean_weight=0.0, adv_weight=2.0))
+  config.optimizer.ema_decay = 0.9
+  config = plain_sgd(config)
+  return (config,) + run_steps(config, digits_batch, 2, randomized)
+
+
+@pytest.fixture(scope="module")
+def cotrain_clean_only(data_dir, digits_batch):
+  """cotrain, clean_weight 0.5, adv_weight 0, plain SGD: 1 step from random params."""
+  config = plain_sgd(train.resolve_config(small_config(data_dir, clean_weight=0.5,
+                                                       adv_weight=0.0)))
+  return (config,) + run_steps(config, digits_batch, 1, randomized)
+
+
+def test_ema_tracks_the_parameters(cotrain_adv_only):
+  """ema_k = 0.9 ema_{k-1} + 0.1 params_k over two steps that move the parameters (no warm-up):
+  fails with the decay swapped, ema = params, or no EMA update."""
+  _, _, states, _ = cotrain_adv_only
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(states[2].params),
+                                                   jax.tree.leaves(states[0].params)))
+  assert moved > 1e-2  # the parameters did move: the checks below can tell the rules apart
+  for k in (1, 2):
+    expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, states[k - 1].ema_params,
+                            states[k].params)
+    params_close(states[k].ema_params, expected, atol=1e-6)
+  assert train._eval_params(states[2]) is states[2].ema_params
+
+
+def test_cotrain_crafts_pgd_against_the_adversarial_adapter(cotrain_adv_only, digits_batch):
+  """The adversarial half's loss is CE(f(x_adv, 1)) with x_adv from PGD against domain 1 (the
+  same key), not against the clean adapter (mutation: `adv_domain` -> CLEAN in craft)."""
+  config, model, states, metrics = cotrain_adv_only
+  run = pgd_and_ce(config, model)
+  args = (states[0].params, digits_batch["image"], digits_batch["label"])
+  loss = {d: float(run(*args, d, 1, attack_rng(states[0]))[1]) for d in (0, 1)}
+  got = float(metrics[0]["adv_loss"])
+  assert abs(loss[0] - loss[1]) > 0.05 * loss[1], loss  # the two adapters' attacks differ
+  assert got == pytest.approx(loss[1], rel=1e-3), (got, loss)
+
+
+def test_loss_weights_scale_their_halves(cotrain_adv_only, cotrain_clean_only):
+  """loss = clean_weight * clean CE + adv_weight * adversarial CE; a weight of 0 gives its
+  domain's token no gradient (SGD: it stays put) while the other token moves."""
+  _, _, states, metrics = cotrain_adv_only  # weights (0, 2)
+  m = metrics[0]
+  assert float(m["clean_loss"]) > 0.1 and float(m["adv_loss"]) > 0.1
+  assert float(m["loss"]) == pytest.approx(2.0 * float(m["adv_loss"]), rel=1e-5)
+  before, after = token_rows(states[0]), token_rows(states[1])
+  np.testing.assert_array_equal(after[0], before[0])
+  assert np.abs(after[1] - before[1]).max() > 1e-4
+  _, _, states, metrics = cotrain_clean_only  # weights (0.5, 0)
+  m = metrics[0]
+  assert float(m["loss"]) == pytest.approx(0.5 * float(m["clean_loss"]), rel=1e-5)
+  before, after = token_rows(states[0]), token_rows(states[1])
+  np.testing.assert_array_equal(after[1], before[1])
+  assert np.abs(after[0] - before[0]).max() > 1e-4
+
+
+def test_clean_mode_never_attacks_and_smooths_labels(data_dir, digits_batch, monkeypatch):
+  """clean mode: PGD is never traced; its loss is the label-smoothed CE computed here from the
+  model's logits, q = (1 - s) one_hot + s / K (mutation: smoothing ignored)."""
+  calls = []
+  monkeypatch.setattr(train, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  s = 0.2
+  config = plain_sgd(train.resolve_config(small_config(data_dir, "clean", label_smoothing=s)))
+  model, states, metrics = run_steps(config, digits_batch, 1, randomized)
+  assert calls == []
+  logits = np.asarray(model.apply({"params": states[0].params}, digits_batch["image"],
+                                  np.zeros(64, np.int32)), np.float64)
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  q = np.full(logits.shape, s / 10) + (1 - s) * np.eye(10)[digits_batch["label"]]
+  expected = float(np.mean(-(q * log_p).sum(1)))
+  plain = float(np.mean(-log_p[np.arange(64), digits_batch["label"]]))
+  assert abs(expected - plain) > 1e-2  # smoothing changes this loss measurably
+  assert float(metrics[0]["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_adversarial_mode_trains_on_pgd_points(data_dir, digits_batch, monkeypatch):
+  """adversarial mode: the loss is CE at PGD points against the one domain (same key), which is
+  far from the CE at the clean images (mutation: `inputs = images` in that branch)."""
+  calls = []
+  monkeypatch.setattr(train, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  config = plain_sgd(train.resolve_config(small_config(data_dir, "adversarial")))
+  model, states, metrics = run_steps(config, digits_batch, 1, randomized)
+  assert len(calls) == 1
+  run = pgd_and_ce(config, model)
+  args = (states[0].params, digits_batch["image"], digits_batch["label"])
+  x_adv, adv = run(*args, 0, 0, attack_rng(states[0]))
+  assert np.abs(np.asarray(x_adv) - digits_batch["image"]).max() > 0.5 * config.attack.eps
+  adv = float(adv)
+  clean = mean_ce(model, states[0].params, digits_batch["image"], digits_batch["label"], 0)
+  assert adv > clean * 1.05, (adv, clean)
+  assert float(metrics[0]["loss"]) == pytest.approx(adv, rel=1e-3)
+
+
+def test_grad_clip_norm_clips_the_global_norm():
+  """SGD, lr 1, no momentum: the update is -g * min(1, c / |g|_global), the same direction as g
+  (mutation: per-element `optax.clip` instead of `clip_by_global_norm`)."""
+  opt = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0,
+                                       schedule="constant", learning_rate=1.0, grad_clip_norm=0.5,
+                                       b1=0.9, b2=0.999))
+  optimizer = train.make_optimizer(opt, 10)
+  params = {"a": jnp.zeros(3), "dense": {"kernel": jnp.zeros((2, 2))}}
+  for scale, factor in ((1.0, 0.5 / 5.0), (0.01, 1.0)):  # |g| = 5 (clipped), 0.05 (not)
+    grads = {"a": scale * jnp.array([3.0, 0.0, 0.0]),
+             "dense": {"kernel": scale * jnp.array([[0.0, 4.0], [0.0, 0.0]])}}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(u, -factor * g, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_learning_rate_schedule_follows_the_formula(schedule):
+  """Linear warm-up from 0 over w steps, then cosine to 0 at step T (or constant), and the
+  optimizer's SGD step at step k is -lr(k) * g."""
+  peak, w, total = 0.1, 4, 12
+  opt = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, weight_decay=0.0,
+                                       warmup_steps=w, schedule=schedule, learning_rate=peak,
+                                       grad_clip_norm=0.0, b1=0.9, b2=0.999))
+  def formula(k):
+    if k < w:
+      return peak * k / w
+    if schedule == "constant":
+      return peak
+    return peak * 0.5 * (1 + np.cos(np.pi * (k - w) / (total - w)))
+  lr = train.learning_rate_schedule(opt, total)
+  assert float(lr(0)) == 0.0 and float(lr(w)) == pytest.approx(peak)
+  assert float(lr(w // 2)) == pytest.approx(peak / 2)
+  assert float(lr(total)) == pytest.approx(0.0 if schedule == "cosine" else peak, abs=1e-7)
+  if schedule == "cosine":
+    assert float(lr((w + total) // 2)) == pytest.approx(peak / 2)
+  optimizer = train.make_optimizer(opt, total)
+  params = {"a": jnp.zeros(2)}
+  state = optimizer.init(params)
+  for k in range(total + 1):
+    assert float(lr(k)) == pytest.approx(formula(k), abs=1e-7), k
+    updates, state = optimizer.update({"a": jnp.ones(2)}, state, params)
+    np.testing.assert_allclose(updates["a"], -formula(k), rtol=1e-5, atol=1e-8)
 
 
 def test_checkpoints_accept_a_relative_workdir(tmp_path, monkeypatch):
