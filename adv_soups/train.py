@@ -3,8 +3,12 @@
   python -m adv_soups.train --config=configs/digits.py --workdir=workdirs/digits \
       [--config.train.steps=100 ...] [--overwrite]
 
-Re-running the same command on an existing workdir resumes from its latest checkpoint. Sections:
-config, train state and optimizer, the train step, checkpointing, the loop, the command line.
+Re-running the same command on an existing workdir resumes from its latest checkpoint. On SIGTERM
+every process saves one checkpoint at the same step and the program exits with status 75 (resume
+me); a finished run leaves WORKDIR/FINISHED. Multi-process runs start through
+`parallel.initialize` (--coordinator_address / --num_processes / --process_id, ADV_SOUPS_* or
+auto-detected; see launch/). Sections: config, train state and optimizer, the train step,
+checkpointing, the loop, the command line.
 
 Parallelism ("the pmap'd PGD inside the jitted step", in current JAX): the train step is one
 `jax.jit` over a `Mesh` with a `data` axis; the batch is sharded `P('data')`, the state replicated.
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
+import traceback
 from typing import Any
 
 import flax
@@ -34,9 +40,13 @@ from adv_soups import checkpoints as ckpt_lib
 from adv_soups import cli
 from adv_soups.cli import fail as _fail
 from adv_soups import data as data_lib
-from adv_soups import evaluate, parallel, workdir as workdir_lib
-from adv_soups.attacks import pgd
+from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
+from adv_soups.evaluation import periodic
+from adv_soups.attacks.pgd import pgd
+from adv_soups.data import mixup as mixup_lib
+from adv_soups.data import randaugment as randaugment_lib
 from adv_soups.models import create_model, init_params
+from adv_soups.models import npz as npz_lib
 
 MODES = ("cotrain", "adversarial", "clean")
 OPTIMIZERS = ("adamw", "sgd")
@@ -72,7 +82,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"{config.data.name!r} has {num_classes} classes")
   for name, value, low in (("train.steps", train.steps, 1), ("train.batch_size", train.batch_size, 1),
                            ("train.log_every", train.log_every, 1),
-                           ("train.eval_every", train.eval_every, 0),
                            ("train.checkpoint_every", train.checkpoint_every, 0),
                            ("attack.num_steps", attack.num_steps, 1),
                            ("eval.attack_steps", config.eval.attack_steps, 1)):
@@ -98,10 +107,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"{train.keep_checkpoints!r}")
   n_devices = jax.device_count()
   eval_cfg = config.eval
-  if (not isinstance(eval_cfg.batch_size, int) or eval_cfg.batch_size < 1
-      or eval_cfg.batch_size % n_devices):
-    raise ValueError(f"config.eval.batch_size={eval_cfg.batch_size!r} must be a positive multiple "
-                     f"of the {n_devices} devices")
+  if not isinstance(eval_cfg.batch_size, int) or eval_cfg.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size={eval_cfg.batch_size!r} must be an integer >= 1 "
+                     "(rows per evaluation call, rounded up to a multiple of the devices)")
   if eval_cfg.num_examples is not None and eval_cfg.num_examples < 1:
     raise ValueError(f"config.eval.num_examples={eval_cfg.num_examples} must be >= 1 (or None)")
   if train.batch_size % n_devices:
@@ -110,6 +118,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if not (0 <= attack.eps <= (1 if attack.norm == "linf" else float("inf"))):
     raise ValueError(f"config.attack.eps={attack.eps} is outside the allowed range for "
                      f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
+  _check_recipe(config, n_devices)
   if train.mode != "cotrain":
     config.model.num_domains = 1  # single-domain model: evaluate it with domain 0
   elif config.model.num_domains != 2:
@@ -120,7 +129,72 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     attack.step_size = 2.5 * attack.eps / attack.num_steps
   create_model(config.model)  # validates the model fields
   config.model.channels = shape[-1]
+  periodic.validate(config)
+  _resolve_weights(config)
   return config
+
+
+ADAPTERS_REGEX = r"(.*/)?domain_[^/]*"  # every domain-specific leaf (see models/adapters.py)
+HEAD_REGEX = r"head/.*"
+
+
+def _resolve_weights(config: ml_collections.ConfigDict) -> None:
+  """Checks model.init_from (file, layout, shapes, normalisation; reads only the .npy headers)
+  and train.trainable; turns trainable 'adapters' into its regex: the domain_* leaves, plus the
+  head unless init_from provides it. ValueError (one line) on bad values."""
+  init_from, trainable = config.model.get("init_from"), config.train.get("trainable", "all")
+  if not init_from and trainable == "all":
+    return
+  model = create_model(config.model)
+  abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0), config.model.channels))
+  head_loaded = False
+  if init_from:
+    head_loaded = npz_lib.check_pretrained(abstract, init_from, config.model,
+                                           config.model.channels)["head_loaded"]
+  if trainable == "all":
+    return
+  if trainable == "adapters":
+    trainable = ADAPTERS_REGEX if head_loaded else f"{ADAPTERS_REGEX}|{HEAD_REGEX}"
+  try:
+    re.compile(trainable)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"config.train.trainable={trainable!r}: allowed 'all', 'adapters' or a regex "
+                     f"over parameter names ({e})") from None
+  names = [npz_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+  if not any(re.fullmatch(trainable, n) for n in names):
+    raise ValueError(f"config.train.trainable={config.train.trainable!r} matches none of the "
+                     f"model's parameters (names such as {', '.join(names[:3])})")
+  config.train.trainable = trainable
+
+
+def _check_recipe(config: ml_collections.ConfigDict, n_devices: int) -> None:
+  """Validates data.randaugment, data.mixup and attack.eps_warmup_steps (ValueError, one line)."""
+  ra = config.data.get("randaugment")
+  if ra is not None:
+    randaugment_lib.check_settings(ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob, ra.fill)
+  mix = config.data.get("mixup")
+  if mix is not None:
+    mixup_lib.check_settings(mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob)
+    per_device = config.train.batch_size // n_devices
+    if mixup_lib.enabled(mix) and per_device % 2:
+      raise ValueError(f"config.train.batch_size={config.train.batch_size} gives {per_device} "
+                       f"examples per device; mixup / CutMix pairs examples within a device and "
+                       "needs an even number")
+  warmup = config.attack.get("eps_warmup_steps", 0)
+  if not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f"config.attack.eps_warmup_steps must be an integer >= 0 (0 = off), got "
+                     f"{warmup!r}")
+
+
+def attack_schedule(attack: ml_collections.ConfigDict, step: jax.Array) -> tuple[Any, Any]:
+  """(eps, step_size) of the training attack at `step` (completed steps, int32 []): with
+  attack.eps_warmup_steps = W > 0 both are scaled by min(1, step / W), so the first step is
+  clean and step W + 1 has the full eps; with W = 0, the configured floats, unchanged."""
+  warmup = attack.get("eps_warmup_steps", 0)
+  if not warmup:
+    return attack.eps, attack.step_size
+  scale = jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
+  return attack.eps * scale, attack.step_size * scale
 
 
 def adversarial_domain(config: ml_collections.ConfigDict) -> int:
@@ -147,6 +221,26 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, _: str(getattr(path[-1], "key", path[-1])).endswith("kernel"), params)
 
 
+def trainable_mask(params: Any, trainable: str = "all") -> Any:
+  """True for the leaves that train: all of them for "all"; the domain_* leaves for "adapters";
+  else those whose name (e.g. "block03/mlp/Dense_0/kernel") fully matches the regex `trainable`
+  (resolve_config turns "adapters" into such a regex, the head included when it is new)."""
+  if trainable == "all":
+    return jax.tree.map(lambda _: True, params)
+  pattern = ADAPTERS_REGEX if trainable == "adapters" else trainable
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: re.fullmatch(pattern, npz_lib.param_name(path)) is not None, params)
+
+
+def stop_frozen_gradients(params: Any, trainable: str = "all") -> Any:
+  """`params` with `lax.stop_gradient` on the frozen leaves (unchanged for "all"), so that XLA
+  computes no parameter gradient for them."""
+  if trainable == "all":
+    return params
+  return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                      trainable_mask(params, trainable))
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `opt.learning_rate`, then cosine decay to 0 (or constant)."""
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
@@ -157,8 +251,13 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, total_steps)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (or SGD with momentum) with warmup + cosine, global-norm clipping, masked decay."""
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   trainable: str = "all") -> optax.GradientTransformation:
+  """AdamW (or SGD with momentum) with warmup + cosine, global-norm clipping, masked decay.
+
+  `trainable` (config.train.trainable) other than "all": the frozen leaves get zero updates and no
+  optimizer state (optax.multi_transform), and the clipping norm is over the trainable ones only.
+  """
   schedule = learning_rate_schedule(opt, total_steps)
   if opt.name == "adamw":
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
@@ -167,14 +266,21 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     core = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
                        optax.sgd(schedule, momentum=opt.momentum))
   if opt.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
-  return core
+    core = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
+  if trainable == "all":
+    return core
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                       trainable_mask(params, trainable))
+  return optax.multi_transform({"train": core, "frozen": optax.set_to_zero()}, labels)
 
 
 def init_state(config: ml_collections.ConfigDict, model, optimizer) -> TrainState:
   """Fresh parameters and optimizer state from `config.seed`."""
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   params = init_params(model, init_rng, config.model.channels)
+  if config.model.get("init_from"):  # head re-initialised when the classes differ
+    params = jax.tree.map(jnp.asarray, npz_lib.load_pretrained(
+        params, config.model.init_from, config.model, config.model.channels))
   ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay else None  # own buffers (donation)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema_params=ema,
@@ -192,6 +298,11 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
   from PGD against domain 1 under the current (frozen) parameters; both halves run as one batch
   of 2B, interleaved per example so each device keeps its own examples. adversarial: CE on x_adv
   only (one domain). clean: CE on x only.
+  With data.mixup on, x is first mixed (`adv_soups.data.mixup`) and every CE, PGD's included,
+  uses the soft targets (our choice; the paper is silent): both branches see the same mixed
+  images; train accuracies then compare with each example's own label. With
+  attack.eps_warmup_steps, eps and the step size follow `attack_schedule`, logged as attack_eps
+  and adv_perturbation (the largest per-example perturbation norm of the batch).
   """
   mode, attack = config.train.mode, config.attack
   weights = jnp.asarray([config.train.clean_weight, config.train.adv_weight], jnp.float32)
@@ -199,26 +310,38 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
   num_classes = config.model.num_classes
   ema_decay = config.optimizer.ema_decay
   adv_domain = adversarial_domain(config)
+  mix = config.data.get("mixup")
+  mix = mix.to_dict() if mixup_lib.enabled(mix) else None
+  eps_warmup = bool(attack.get("eps_warmup_steps", 0))
 
-  def craft(params, images, labels, rng):
-    domain = jnp.full(labels.shape, adv_domain, jnp.int32)
+  def craft(params, images, labels, rng, eps=attack.eps, step_size=attack.step_size):
+    domain = jnp.full(labels.shape[:1], adv_domain, jnp.int32)
     logits_fn = lambda x: model.apply({"params": params}, x, domain, train=False)
-    return pgd(logits_fn, images, labels, rng, eps=attack.eps, num_steps=attack.num_steps,
-               step_size=attack.step_size, norm=attack.norm)
+    return pgd(logits_fn, images, labels, rng, eps=eps, num_steps=attack.num_steps,
+               step_size=step_size, norm=attack.norm)
 
   def step_fn(state: TrainState, batch):
     images, labels = batch["image"], batch["label"]
     size = labels.shape[0]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     attack_rng, dropout_rng = jax.random.split(rng)
+    eps, step_size = attack_schedule(attack, state.step)
+    attack_labels = labels
+    if mix is not None:  # attack_labels: soft targets [B, K], label smoothing included
+      images, attack_labels, _ = mixup_lib.mix_batch(
+          jax.random.fold_in(rng, 1), images, labels, num_classes=num_classes,
+          smoothing=smoothing, **mix)
+    x_adv = None
     if mode == "cotrain":
-      x_adv = craft(jax.lax.stop_gradient(state.params), images, labels, attack_rng)
+      x_adv = craft(jax.lax.stop_gradient(state.params), images, attack_labels, attack_rng,
+                    eps, step_size)
       inputs = jnp.stack([images, x_adv], axis=1).reshape((2 * size,) + images.shape[1:])
       domains = jnp.tile(jnp.asarray([CLEAN, ADVERSARIAL], jnp.int32), size)
       targets = jnp.repeat(labels, 2)
       example_weights = jnp.tile(weights, size)
     elif mode == "adversarial":
-      inputs = craft(jax.lax.stop_gradient(state.params), images, labels, attack_rng)
+      inputs = x_adv = craft(jax.lax.stop_gradient(state.params), images, attack_labels,
+                             attack_rng, eps, step_size)
       domains, targets = jnp.zeros_like(labels), labels
       example_weights = jnp.ones((size,), jnp.float32)
     else:
@@ -226,9 +349,13 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
       example_weights = jnp.ones((size,), jnp.float32)
 
     def loss_fn(params):
+      params = stop_frozen_gradients(params, config.train.get("trainable", "all"))
       logits = model.apply({"params": params}, inputs, domains, train=True,
                            rngs={"dropout": dropout_rng})
-      one_hot = optax.smooth_labels(jax.nn.one_hot(targets, num_classes), smoothing)
+      if mix is None:
+        one_hot = optax.smooth_labels(jax.nn.one_hot(targets, num_classes), smoothing)
+      else:  # already smoothed; one row per input (clean and adversarial interleaved in cotrain)
+        one_hot = jnp.repeat(attack_labels, len(targets) // size, axis=0)
       per_example = optax.softmax_cross_entropy(logits, one_hot)
       return jnp.sum(per_example * example_weights) / size, (logits, per_example)
 
@@ -246,6 +373,11 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
                      adv_train_accuracy=correct[1::2].mean())
     else:
       metrics["train_accuracy"] = correct.mean()
+    if eps_warmup and x_adv is not None:
+      delta = x_adv - images
+      norms = jnp.sqrt(jnp.sum(delta * delta, axis=(1, 2, 3))) if attack.norm == "l2" else \
+          jnp.max(jnp.abs(delta), axis=(1, 2, 3))
+      metrics.update(attack_eps=jnp.asarray(eps, jnp.float32), adv_perturbation=jnp.max(norms))
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
     if ema is not None:
       metrics["finite"] &= jnp.isfinite(optax.tree.norm(ema))
@@ -283,18 +415,33 @@ def save_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainSta
 
 
 def restore_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainState,
-                       train_iter: data_lib.TrainIterator) -> TrainState:
-  """The latest checkpoint's state (into `state`'s structure and shardings); moves `train_iter`
-  to the same position."""
-  step = manager.latest_step()
+                       train_iter: data_lib.TrainIterator) -> TrainState | None:
+  """The latest readable checkpoint's state (into `state`'s structure and shardings), with
+  `train_iter` moved to the same position; None when no checkpoint is left. A damaged step
+  (unreadable arrays or input-pipeline state) is moved aside with one warning line and the
+  previous one is used (`Checkpoints.restore_latest_readable`)."""
   items = ("params", "opt_state") + (("ema_params",) if state.ema_params is not None else ())
-  restored = manager.restore(step, targets={name: getattr(state, name) for name in items},
-                             items=items)
+
+  def restore(step):
+    restored = manager.restore(step, targets={name: getattr(state, name) for name in items},
+                               items=items)
+    directory = data_state_dir(workdir, step)
+    if not tf.io.gfile.exists(os.path.join(directory, f"process_{jax.process_index()}")):
+      raise ckpt_lib.RestoreMismatch(
+          f"step {step} has no input-pipeline state for process {jax.process_index()} in "
+          f"{directory}: resume with the number of processes that saved it")
+    train_iter.restore(directory)
+    if train_iter.batches_consumed != restored["meta"]["batches_consumed"]:
+      raise RuntimeError(f"input-pipeline state of step {step} is at batch "
+                         f"{train_iter.batches_consumed}, expected "
+                         f"{restored['meta']['batches_consumed']}")
+    return restored
+
+  found = manager.restore_latest_readable(restore, workdir)
+  if found is None:
+    return None
+  step, restored = found
   meta = restored["meta"]
-  train_iter.restore(data_state_dir(workdir, step))
-  if train_iter.batches_consumed != meta["batches_consumed"]:
-    raise RuntimeError(f"input-pipeline state of step {step} is at batch "
-                       f"{train_iter.batches_consumed}, expected {meta['batches_consumed']}")
   rng = jax.device_put(np.asarray(meta["rng"], np.uint32), state.rng.sharding)
   return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
                        rng=rng, **{name: restored[name] for name in items})
@@ -308,6 +455,7 @@ class TrainResult:
   """What `train_and_evaluate` returns: the final state and the last evaluation's metrics."""
   state: TrainState
   eval_metrics: dict[str, float]
+  preempted_at: int | None = None  # the step saved on SIGTERM (the run is not finished)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -329,16 +477,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.save_config(workdir, config)
   train_cfg = config.train
   model = create_model(config.model)
-  optimizer = make_optimizer(config.optimizer, train_cfg.steps)
+  optimizer = make_optimizer(config.optimizer, train_cfg.steps, train_cfg.get("trainable", "all"))
   train_step = make_train_step(config, model, optimizer, mesh)
   state = jax.device_put(init_state(config, model, optimizer), parallel.replicated(mesh))
   train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
                                        seed=config.seed)
   manager = ckpt_lib.Checkpoints(workdir, max_to_keep=train_cfg.keep_checkpoints)
   if manager.latest_step() is not None:
-    state = restore_checkpoint(manager, workdir, state, train_iter)
-    logging.info("Resumed from step %d of %s", int(state.step), workdir)
+    restored = restore_checkpoint(manager, workdir, state, train_iter)
+    if restored is not None:
+      state = restored
+      logging.info("Resumed from step %d of %s", int(state.step), workdir)
+    else:  # every checkpoint was damaged (kept aside): start afresh from an untouched iterator
+      train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
+                                           seed=config.seed)
   start = int(state.step)
+  watch = preemption_lib.PreemptionWatch().start()  # SIGTERM -> save at one step, stop
+  preempted_at = None
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -355,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     images_seen += train_cfg.batch_size
     progress(step)
     last = step == train_cfg.steps
+    preempted = watch.reached(step) and not last  # every step, on every process
     if step % train_cfg.log_every == 0 or last or len(pending) >= 10:
       fetched = _check_finite(pending)  # also paces dispatch (XLA:CPU collectives on jax 0.10)
       pending = []
@@ -366,22 +522,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         summary["images_per_sec"] = images_seen / (time.time() - t0)
         writer.write_scalars(step, summary)
         t0, images_seen = time.time(), 0
-    do_eval = (train_cfg.eval_every and step % train_cfg.eval_every == 0) or last
+    due = periodic.due(config, step, last)
+    do_eval = bool(due)
     do_save = (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or last
-    if do_save:  # before evaluating: an evaluation failure must not cost the checkpoint
+    if do_save or preempted:  # before evaluating: a failed evaluation must not cost the save
       _check_finite(pending)  # never save a non-finite state
       save_checkpoint(manager, workdir, state, train_iter)
+    if preempted:
+      preempted_at = step
+      break
     if do_eval:
-      eval_metrics = evaluate.evaluate_during_training(config, model, _eval_params(state), mesh)
+      eval_metrics = periodic.evaluate(config, model, _eval_params(state), step, due, workdir)
       writer.write_scalars(step, eval_metrics)
     if do_eval or do_save:
       t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
   if start >= train_cfg.steps:  # a finished run: report its evaluation again
     logging.info("%s is already trained to step %d", workdir, start)
-    eval_metrics = evaluate.evaluate_during_training(config, model, _eval_params(state), mesh)
+    eval_metrics = periodic.evaluate(config, model, _eval_params(state), start, None, workdir)
+  watch.close()
+  if preempted_at is None and jax.process_index() == 0:
+    preemption_lib.write_finished(workdir, train_cfg.steps)
   writer.flush()
   manager.close()
-  return TrainResult(state=state, eval_metrics=eval_metrics)
+  return TrainResult(state=state, eval_metrics=eval_metrics, preempted_at=preempted_at)
 
 
 def _eval_params(state: TrainState) -> Any:
@@ -405,11 +568,23 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # The command line.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics.")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Start afresh: move an existing run aside into WORKDIR/previous_runs/.")
+def define_flags(extra: tuple = ()) -> flags.FlagValues:
+  """A fresh absl FlagValues with the training program's flags (--config and its overrides,
+  --workdir, --overwrite, the multi-process start flags of `parallel.DISTRIBUTED_FLAGS`) plus
+  `extra` ((kind, name, default, help) tuples, e.g. the demo's). Importing this module defines no
+  flags, so `train_and_evaluate` is a plain library function and main() can run twice."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                  flag_values=values, lock_config=False)
+  flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics.",
+                      flag_values=values)
+  flags.DEFINE_bool("overwrite", False,
+                    "Start afresh: move an existing run aside into WORKDIR/previous_runs/.",
+                    flag_values=values)
+  parallel.define_distributed_flags(values)
+  for kind, name, default, help_text in extra:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=values)
+  return values
 
 
 def _quiet_logging() -> None:
@@ -424,18 +599,25 @@ def _quiet_logging() -> None:
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """With `overwrite`, moves an earlier run aside (never deletes it); else checks that an earlier
-  run in `workdir` has the same resolved config, so re-running resumes it. ValueError if not."""
+  """With `overwrite`, moves an earlier run aside (never deletes it; process 0 moves, the others
+  wait); else checks that an earlier run in `workdir` has the same resolved config, so re-running
+  resumes it: fields that leave the trajectory alone (`workdir_lib.TRAJECTORY_NEUTRAL`) may
+  differ, with one line saying which; any other difference is a ValueError naming them."""
   if overwrite:
-    moved = workdir_lib.move_aside(workdir)
-    if moved:
-      print(f"moved the previous run aside to {moved}", file=sys.stderr)
+    if jax.process_index() == 0:
+      moved = workdir_lib.move_aside(workdir)
+      if moved:
+        print(f"moved the previous run aside to {moved}", file=sys.stderr)
+    parallel.barrier("adv_soups.train moved the previous run aside")
   elif tf.io.gfile.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
     saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
-    diffs = workdir_lib.config_differences(saved, workdir_lib.config_to_dict(config))
-    if diffs:
-      raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+    allowed, refused = workdir_lib.resume_differences(saved, workdir_lib.config_to_dict(config))
+    if refused:
+      raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(refused)}); "
                        "resume with the same config, use a new --workdir, or pass --overwrite")
+    if allowed and jax.process_index() == 0:
+      print(f"resuming {workdir} with changed fields that leave its trajectory alone: "
+            f"{'; '.join(allowed)}", file=sys.stderr)
 
 
 def _fractions_to_numbers(argv: list[str]) -> list[str]:
@@ -452,38 +634,63 @@ def _fractions_to_numbers(argv: list[str]) -> list[str]:
   return out
 
 
-def parse_command_line(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-  """Flags -> (resolved config, workdir). Every problem is one line and exit 2, before anything
-  is written or compiled: unknown or malformed flags and overrides, a missing config file, bad
-  values, a data set that is not prepared."""
+def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = None
+                       ) -> tuple[ml_collections.ConfigDict, str]:
+  """Flags (`flag_values`, default `define_flags()`) -> (resolved config, workdir). Starts the
+  multi-process runtime (`parallel.initialize`) right after parsing, before anything asks JAX
+  for devices. Every problem is one line and exit 2, before anything is written or compiled:
+  unknown or malformed flags and overrides, a missing config file, bad values, a data set that is
+  not prepared."""
+  values = define_flags() if flag_values is None else flag_values
   try:
-    extra = flags.FLAGS(_fractions_to_numbers(argv))
+    extra = values(_fractions_to_numbers(argv))
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except Exception as e:  # a typo'd override (AttributeError), an unreadable config file (OSError)
     _fail(f"{type(e).__name__}: {e}")
   if len(extra) > 1:
     _fail(f"unexpected arguments {extra[1:]}")
-  raw_config = _CONFIG.value  # a lazy proxy: a missing file raises OSError on first use
-  if raw_config is None or not _WORKDIR.value:
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # absl logging's own flags keep their defaults
+  try:
+    parallel.initialize_from_flags(values)
+  except ValueError as e:
+    _fail(str(e))
+  raw_config = values.config  # a lazy proxy: a missing file raises OSError on first use
+  if raw_config is None or not values.workdir:
     _fail("both --config=configs/NAME.py and --workdir=DIR are required")
   try:
     config = resolve_config(raw_config)
     data_lib.check_available(config.data)
   except (ValueError, OSError) as e:  # OSError: a missing config file or data set
     _fail(" ".join(str(e).split()))
-  return config, _WORKDIR.value
+  return config, values.workdir
 
 
-def main(argv: list[str] | None = None) -> None:
-  """Parses flags, validates the config (one line and exit 2 on bad input), then trains."""
-  config, workdir = parse_command_line(list(sys.argv if argv is None else argv))
+def main(argv: list[str] | None = None, flag_values: flags.FlagValues | None = None) -> None:
+  """Parses flags (`flag_values`, default `define_flags()`), starts the multi-process runtime,
+  validates the config (one line and exit 2 on bad input), then trains. A run stopped by SIGTERM
+  exits with status 75 (`preemption.EXIT_PREEMPTED`) after one line saying where it stopped."""
+  values = define_flags() if flag_values is None else flag_values
+  config, workdir = parse_command_line(list(sys.argv if argv is None else argv), values)
   try:
-    prepare_workdir(config, workdir, overwrite=_OVERWRITE.value)
+    prepare_workdir(config, workdir, overwrite=values.overwrite)
   except ValueError as e:
     _fail(str(e))
   _quiet_logging()
-  result = train_and_evaluate(config, workdir)
+  try:
+    result = train_and_evaluate(config, workdir)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
+      traceback.print_exc()      # the others, which wait in a collective for us: fail now
+      sys.stderr.flush()
+      os._exit(1)
+    raise
+  if result.preempted_at is not None:
+    print(f"preempted: process {jax.process_index()} saved step {result.preempted_at} of "
+          f"{config.train.steps} in {workdir}; run the same command to resume", file=sys.stderr,
+          flush=True)
+    sys.exit(preemption_lib.EXIT_PREEMPTED)
   print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())))
 
 

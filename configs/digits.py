@@ -17,8 +17,9 @@ def get_config(arg=None):
   config.model.update(variant="tiny/2", image_size=8, num_classes=10, width=64, depth=2,
                       num_heads=4, mlp_dim=128)
   config.data.update(name="digits", shuffle_buffer=2048)
-  config.train.update(mode="cotrain", steps=1200, batch_size=128, log_every=100, eval_every=400,
+  config.train.update(mode="cotrain", steps=1200, batch_size=128, log_every=100,
                       checkpoint_every=400)
+  config.evals.val.update(every=400, attack="pgd")  # PGD-20 (eval.attack_steps) on both modes
   config.optimizer.update(learning_rate=5e-3, warmup_steps=50, weight_decay=1e-4, b2=0.99)
   # Training attack: PGD-5, step 2.5 * eps / 5 (project default for digits, see PAPER.md B).
   config.attack.update(norm="linf", eps=0.1, num_steps=5)

@@ -19,8 +19,9 @@ def tiny_digits_config(data_dir, **train_overrides):
   config = digits.get_config()
   config.data.data_dir = str(data_dir)
   config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
-  config.train.update(dict(dict(steps=150, batch_size=64, log_every=50, eval_every=0,
-                                checkpoint_every=0), **train_overrides))
+  config.train.update(dict(dict(steps=150, batch_size=64, log_every=50, checkpoint_every=0),
+                           **train_overrides))
+  config.evals.val.every = 0  # only at the end
   # eps 0.03 and a short warmup at a higher rate: at the digits default (eps 0.1) this tiny ViT
   # barely learns in 150 steps, and a sweep over a collapsed model would test little.
   config.attack.update(num_steps=2, eps=0.03)
@@ -78,3 +79,13 @@ def single_domain_workdir(trained_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("single") / "workdir"
   write_untrained_workdir(workdir, tiny_digits_config(trained_run[1], mode="clean"))
   return str(workdir)
+
+
+@pytest.fixture
+def workdir_copy(trained_run, tmp_path):
+  """A private copy of `trained_run`'s workdir, for tests that write reports into it (the
+  session's workdir stays as trained, whatever order the tests run in)."""
+  import shutil
+  copy = tmp_path / "workdir"
+  shutil.copytree(trained_run[0], copy)
+  return str(copy)
