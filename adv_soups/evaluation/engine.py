@@ -223,7 +223,7 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
         wrong = np.concatenate(outside)
         cc, bb = cc & ~wrong, np.where(wrong, -1, bb)
       cc, bb = cc.reshape(-1, count), bb.reshape(-1, count)
-      settings = list(result.attacks)
+      settings = _accumulate(settings, result.attacks)
     clean.append(cc)
     broken.append(bb)
     if store:
@@ -240,6 +240,15 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
     settings = [dict(name=n, eps=eps, norm=norm, num_steps=budgets.get(n)) for n in names]
   return ColumnResult(clean_correct=np.concatenate(clean), broken_by=np.concatenate(broken),
                       attacks=settings)
+
+
+def _accumulate(total: list[dict], chunk: Sequence[dict]) -> list[dict]:
+  """The attacks' settings, with 'seconds' and 'rows_attacked' summed over chunks."""
+  out = [dict(s) for s in chunk]
+  for mine, before in zip(out, total):
+    for key in ("seconds", "rows_attacked"):
+      mine[key] = mine.get(key, 0) + before.get(key, 0)
+  return out
 
 
 def host_local(params: Any) -> Any:

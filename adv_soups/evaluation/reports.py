@@ -126,6 +126,11 @@ def format_table(report: dict) -> str:
         f"{sel['chosen_alpha']:.3g} vs {_pct(h['alpha_0'])}% at 0 (clean mode) and "
         f"{_pct(h['alpha_1'])}% at 1 (robust mode)")
   lines.append(f"Wall time {report['wall_time_s']:.1f} s")
+  spent = [(suites.display(a["name"]), a.get("seconds"), a.get("rows_attacked"))
+           for a in report["attack"]["attacks"]]
+  if spent and all(t is not None for _, t, _ in spent):
+    lines.append("Time per attack (rows attacked): " + ", ".join(
+        f"{name} {t:.1f} s ({rows})" for name, t, rows in spent))
   if report.get("files"):
     lines.append(f"written to {report['files']['json']}")
   return "\n".join(lines)
