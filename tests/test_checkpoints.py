@@ -13,14 +13,18 @@ from conftest import tiny_digits_config, write_untrained_workdir
 
 
 def truncate_array_file(workdir: str, step: int) -> str:
-  """Halves the largest array data file of checkpoint `step` (a full disk, a broken copy)."""
-  root = os.path.join(workdir, "checkpoints", str(step))
+  """Halves every array data file of checkpoint `step`'s parameters (a full disk, a broken
+  copy). Halving only the largest file of the step was not always enough: which arrays a data
+  file holds, and where, varies between runs, and a read could miss the lost half (seen once in
+  a fresh-clone CI run)."""
+  root = os.path.join(workdir, "checkpoints", str(step), "params")
   files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names
            if os.path.basename(d) == "d"]  # OCDBT data files: <item>/ocdbt.process_0/d/<hash>
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
-  return largest
+  assert files, f"no OCDBT data files under {root}"
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  return max(files, key=os.path.getsize)
 
 
 def warnings_about_damage(caplog) -> list[str]:
