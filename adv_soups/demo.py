@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from adv_soups import cli, train
+from adv_soups import cli, training_cli
 from adv_soups.attacks import suites
 from adv_soups.evaluation import reports, requests, run
 
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     cli.fail(f"--attack={attack!r}: {e}")
   start = time.time()
   print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
-  values = train.define_flags(DEMO_FLAGS)  # train's flags (multi-process ones included) + ours
-  train.main(argv, values)
-  workdir = values.workdir
+  values = training_cli.define_flags(DEMO_FLAGS)  # the training flags (multi-process too) + ours
+  config, workdir = training_cli.parse_command_line(argv, values)
+  training_cli.train_parsed(config, workdir, overwrite=values.overwrite)
   print(f"[demo] trained in {time.time() - start:.0f} s", flush=True)
   print(f"[demo] 2/2 adversarial model soups: 11 alphas, {values.attack}", flush=True)
   request = requests.make_request(workdir, alphas=[i / 10 for i in range(11)],

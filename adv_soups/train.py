@@ -8,7 +8,7 @@ every process saves one checkpoint at the same step and the program exits with s
 me); a finished run leaves WORKDIR/FINISHED. Multi-process runs start through
 `parallel.initialize` (--coordinator_address / --num_processes / --process_id, ADV_SOUPS_* or
 auto-detected; see launch/). Sections: config, train state and optimizer, the train step,
-checkpointing, the loop, the command line.
+checkpointing, the loop, workdir checks; the command line is `adv_soups.training_cli`.
 
 Parallelism ("the pmap'd PGD inside the jitted step", in current JAX): the train step is one
 `jax.jit` over a `Mesh` with a `data` axis; the batch is sharded `P('data')`, the state replicated.
@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from typing import Any
 
 import flax
@@ -32,13 +31,11 @@ import ml_collections
 import numpy as np
 import optax
 import tensorflow as tf
-from absl import flags, logging
+from absl import logging
 from clu import metric_writers, periodic_actions
-from ml_collections import config_flags
 
 from adv_soups import checkpoints as ckpt_lib
-from adv_soups import cli
-from adv_soups.cli import fail as _fail
+from adv_soups import config_base
 from adv_soups import data as data_lib
 from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
 from adv_soups.evaluation import periodic
@@ -66,6 +63,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   one line naming the bad value and what is allowed.
   """
   config = ml_collections.ConfigDict(config.to_dict())
+  _check_known_fields(config.to_dict(), config_base.base_config().to_dict())
   train, opt, attack = config.train, config.optimizer, config.attack
   if train.mode not in MODES:
     raise ValueError(f"unknown config.train.mode {train.mode!r}: allowed {list(MODES)}")
@@ -195,6 +193,27 @@ def attack_schedule(attack: ml_collections.ConfigDict, step: jax.Array) -> tuple
     return attack.eps, attack.step_size
   scale = jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
   return attack.eps * scale, attack.step_size * scale
+
+
+# Fields resolve_config fills in; `evals` holds entries named by the user (periodic.validate
+# checks their fields).
+_FILLED = {"model.channels"}
+_OPEN = {"evals"}
+
+
+def _check_known_fields(config: dict, base: dict, prefix: str = "") -> None:
+  """ValueError (one line) for a field that `config_base.base_config()` does not have: nothing
+  would read it (e.g. a config file still setting a removed field, or a misspelt one)."""
+  for key, value in config.items():
+    name = prefix + key
+    if name in _OPEN or name in _FILLED:
+      continue
+    if key not in base:
+      where = f"config.{prefix[:-1]}" if prefix else "config"
+      raise ValueError(f"config.{name} is not a field of the config (nothing reads it); "
+                       f"{where} has: {', '.join(sorted(base))}")
+    if isinstance(value, dict) and isinstance(base[key], dict):
+      _check_known_fields(value, base[key], name + ".")
 
 
 def adversarial_domain(config: ml_collections.ConfigDict) -> int:
@@ -566,37 +585,7 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The command line.
-
-def define_flags(extra: tuple = ()) -> flags.FlagValues:
-  """A fresh absl FlagValues with the training program's flags (--config and its overrides,
-  --workdir, --overwrite, the multi-process start flags of `parallel.DISTRIBUTED_FLAGS`) plus
-  `extra` ((kind, name, default, help) tuples, e.g. the demo's). Importing this module defines no
-  flags, so `train_and_evaluate` is a plain library function and main() can run twice."""
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                  flag_values=values, lock_config=False)
-  flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics.",
-                      flag_values=values)
-  flags.DEFINE_bool("overwrite", False,
-                    "Start afresh: move an existing run aside into WORKDIR/previous_runs/.",
-                    flag_values=values)
-  parallel.define_distributed_flags(values)
-  for kind, name, default, help_text in extra:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=values)
-  return values
-
-
-def _quiet_logging() -> None:
-  """INFO logs from us and clu; only warnings from the chatty libraries (orbax, TFDS, TF)."""
-  import logging as py_logging
-  logging.set_verbosity(logging.INFO)
-  logging.use_absl_handler()
-  noisy = ("orbax", "tensorflow_datasets", "tensorflow/", "etils")
-  quiet = lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy)
-  for handler in py_logging.getLogger().handlers:
-    handler.addFilter(quiet)
-
+# Workdir checks (the command line is adv_soups/training_cli.py).
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
   """With `overwrite`, moves an earlier run aside (never deletes it; process 0 moves, the others
@@ -620,78 +609,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
             f"{'; '.join(allowed)}", file=sys.stderr)
 
 
-def _fractions_to_numbers(argv: list[str]) -> list[str]:
-  """`--config.attack.eps=4/255` -> `--config.attack.eps=0.01568...` (absl parses floats only)."""
-  out = []
-  for arg in argv:
-    name, sep, value = arg.partition("=")
-    if sep and name.startswith("--config.") and "/" in value and not name.endswith("data_dir"):
-      try:
-        value = repr(cli.parse_number(value, name))
-      except ValueError:
-        pass  # not a fraction (e.g. a path): let the flag parser judge it
-    out.append(name + sep + value if sep else arg)
-  return out
 
-
-def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = None
-                       ) -> tuple[ml_collections.ConfigDict, str]:
-  """Flags (`flag_values`, default `define_flags()`) -> (resolved config, workdir). Starts the
-  multi-process runtime (`parallel.initialize`) right after parsing, before anything asks JAX
-  for devices. Every problem is one line and exit 2, before anything is written or compiled:
-  unknown or malformed flags and overrides, a missing config file, bad values, a data set that is
-  not prepared."""
-  values = define_flags() if flag_values is None else flag_values
-  try:
-    extra = values(_fractions_to_numbers(argv))
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  except Exception as e:  # a typo'd override (AttributeError), an unreadable config file (OSError)
-    _fail(f"{type(e).__name__}: {e}")
-  if len(extra) > 1:
-    _fail(f"unexpected arguments {extra[1:]}")
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # absl logging's own flags keep their defaults
-  try:
-    parallel.initialize_from_flags(values)
-  except ValueError as e:
-    _fail(str(e))
-  raw_config = values.config  # a lazy proxy: a missing file raises OSError on first use
-  if raw_config is None or not values.workdir:
-    _fail("both --config=configs/NAME.py and --workdir=DIR are required")
-  try:
-    config = resolve_config(raw_config)
-    data_lib.check_available(config.data)
-  except (ValueError, OSError) as e:  # OSError: a missing config file or data set
-    _fail(" ".join(str(e).split()))
-  return config, values.workdir
-
-
-def main(argv: list[str] | None = None, flag_values: flags.FlagValues | None = None) -> None:
-  """Parses flags (`flag_values`, default `define_flags()`), starts the multi-process runtime,
-  validates the config (one line and exit 2 on bad input), then trains. A run stopped by SIGTERM
-  exits with status 75 (`preemption.EXIT_PREEMPTED`) after one line saying where it stopped."""
-  values = define_flags() if flag_values is None else flag_values
-  config, workdir = parse_command_line(list(sys.argv if argv is None else argv), values)
-  try:
-    prepare_workdir(config, workdir, overwrite=values.overwrite)
-  except ValueError as e:
-    _fail(str(e))
-  _quiet_logging()
-  try:
-    result = train_and_evaluate(config, workdir)
-  except Exception:  # pylint: disable=broad-except
-    if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
-      traceback.print_exc()      # the others, which wait in a collective for us: fail now
-      sys.stderr.flush()
-      os._exit(1)
-    raise
-  if result.preempted_at is not None:
-    print(f"preempted: process {jax.process_index()} saved step {result.preempted_at} of "
-          f"{config.train.steps} in {workdir}; run the same command to resume", file=sys.stderr,
-          flush=True)
-    sys.exit(preemption_lib.EXIT_PREEMPTED)
-  print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())))
+def main(argv: list[str] | None = None) -> None:
+  """`python -m adv_soups.train`: see `training_cli.main` (flags, checks, exit codes)."""
+  from adv_soups import training_cli  # the command line sits above this library module
+  training_cli.main(argv)
 
 
 if __name__ == "__main__":

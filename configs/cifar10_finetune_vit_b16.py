@@ -31,9 +31,10 @@ def get_config(arg=None):
                       mean=(0.5,), std=(0.5,))  # the public files' [-1, 1] inputs
   config.data.update(name="cifar10", shuffle_buffer=20_000)
   config.train.update(mode="cotrain", steps=10_000, batch_size=512, log_every=100,
-                      eval_every=1_000, checkpoint_every=1_000, trainable="all")
+                      checkpoint_every=1_000, trainable="all")
   config.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=0.0,
                           warmup_steps=500, schedule="cosine", grad_clip_norm=1.0)
   config.attack.update(norm="linf", eps=8 / 255, num_steps=5)
   config.eval.update(batch_size=512, num_examples=2_048, attack_steps=20)
+  config.evals.val.update(every=1_000, attack="pgd")  # PGD-20 (config.eval) on both modes
   return config

@@ -111,7 +111,7 @@ def test_experiment_writes_the_three_outputs_with_a_row_per_run(experiment):
 @pytest.mark.slow
 def test_killed_experiment_resumes_and_a_rerun_trains_and_evaluates_nothing(experiment):
   workdir, _, _, counts, killed_state, _ = experiment
-  from adv_soups import checkpoints, preemption  # noqa: F401  (checkpoints: the workdir format)
+  from adv_soups import preemption
   killed_train, killed_eval = counts["killed"]
   assert killed_train == ["clean-none-seed0", "adversarial-none-seed0"]
   assert killed_eval == ["clean-none-seed0"]  # the killed run was never evaluated

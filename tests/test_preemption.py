@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adv_soups import parallel, preemption, train, workdir as workdir_lib
+from adv_soups import parallel, preemption, train, training_cli, workdir as workdir_lib
 from adv_soups.data import pipeline
 from conftest import tiny_digits_config
 
@@ -145,15 +145,17 @@ def test_train_rejects_an_incomplete_multi_process_setting_with_exit_2(tmp_path)
 
 
 def test_importing_train_and_demo_defines_no_flags():
-  """train.train_and_evaluate is a library function: the programs' flags live in define_flags()."""
-  code = ("from absl import flags; import adv_soups.train, adv_soups.demo; "
+  """train.train_and_evaluate is a library function: the programs' flags live in
+  training_cli.define_flags()."""
+  code = ("from absl import flags; import adv_soups.train, adv_soups.demo, "
+          "adv_soups.experiments.adapters; "
           "print(sorted(n for n in ('config', 'workdir', 'overwrite', 'coordinator_address', "
           "'num_processes', 'process_id', 'attack', 'num_examples') if n in flags.FLAGS))")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == "[]"
-  values = train.define_flags()
+  values = training_cli.define_flags()
   assert {"config", "workdir", "overwrite", "coordinator_address", "num_processes",
           "process_id"} <= set(values)
 

@@ -12,8 +12,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from adv_soups import checkpoints, data as data_lib, parallel, train, workdir as workdir_lib
+from adv_soups import checkpoints, data as data_lib, parallel, train, training_cli
+from adv_soups import workdir as workdir_lib
 from adv_soups.attacks.pgd import pgd
+from adv_soups.evaluation import periodic
 from adv_soups.models import create_model
 from configs import digits as digits_config
 from configs import imagenet_vit_b16
@@ -31,7 +33,7 @@ def small_config(data_dir, mode="cotrain", **train_overrides):
   config = digits_config.get_config()
   config.data.data_dir = data_dir
   config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
-  config.train.update(dict(dict(mode=mode, steps=6, batch_size=64, log_every=3, eval_every=0,
+  config.train.update(dict(dict(mode=mode, steps=6, batch_size=64, log_every=3,
                                 checkpoint_every=3), **train_overrides))
   config.attack.num_steps = 2
   config.eval.update(num_examples=64, batch_size=64, attack_steps=2)
@@ -187,9 +189,35 @@ def test_cli_bad_input_exits_2_and_writes_nothing(args, expected, tmp_path):
   assert not workdir.exists()
 
 
+def test_a_field_nothing_reads_is_refused(data_dir):
+  """A config file setting a field the project does not have (a removed or misspelt one, such as
+  the old train.eval_every) is one line naming it, not silently ignored. Mutation: drop the
+  `_check_known_fields` call in resolve_config."""
+  config = small_config(data_dir)
+  config.train.eval_every = 100
+  with pytest.raises(ValueError, match=r"config\.train\.eval_every is not a field .* "
+                     r"config\.train has: adv_weight, batch_size"):
+    train.resolve_config(config)
+  config = small_config(data_dir)
+  config.evals.extra = periodic.evaluator(every=3)  # entries of config.evals are named freely
+  assert "extra" in train.resolve_config(config).evals
+
+
+def test_overrides_parse_in_process_whatever_sys_argv_holds(data_dir, tmp_path):
+  """parse_command_line reads the overrides of the argv it is given, not the process's sys.argv
+  (ml_collections' config_flags looks at sys.argv; the demo and the experiment parse in
+  process). Mutation: drop the sys.argv swap in training_cli.parse_command_line."""
+  config, workdir = training_cli.parse_command_line(
+      ["prog", "--config=configs/digits.py", f"--workdir={tmp_path / 'w'}",
+       "--config.train.steps=7", "--config.attack.eps=1/20", f"--config.data.data_dir={data_dir}"],
+      training_cli.define_flags())
+  assert config.train.steps == 7 and config.attack.eps == pytest.approx(0.05)
+  assert workdir == str(tmp_path / "w") and not (tmp_path / "w").exists()
+
+
 def test_fraction_overrides_become_numbers():
-  assert train._fractions_to_numbers(["--config.attack.eps=4/255", "--workdir=a/b",
-                                      "--config.data.data_dir=/x/y"]) == [
+  assert training_cli.fractions_to_numbers(["--config.attack.eps=4/255", "--workdir=a/b",
+                                           "--config.data.data_dir=/x/y"]) == [
       f"--config.attack.eps={4 / 255!r}", "--workdir=a/b", "--config.data.data_dir=/x/y"]
 
 

@@ -41,7 +41,7 @@ import tensorflow as tf
 from adv_soups import cli
 from adv_soups import preemption
 from adv_soups import soups
-from adv_soups import train
+from adv_soups import train, training_cli
 from adv_soups.attacks import suites
 from adv_soups.models import ADAPTERS, create_model
 
@@ -428,12 +428,8 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *,
 def main(argv: list[str] | None = None) -> dict:
   """Parses the flags (one line and exit 2 on bad input, nothing written), then runs."""
   argv = list(sys.argv if argv is None else argv)
-  values = train.define_flags(EXTRA_FLAGS)
-  saved_argv, sys.argv = sys.argv, argv  # config_flags reads --config.x overrides from sys.argv
-  try:
-    _, workdir = train.parse_command_line(argv, values)
-  finally:
-    sys.argv = saved_argv
+  values = training_cli.define_flags(EXTRA_FLAGS)
+  _, workdir = training_cli.parse_command_line(argv, values)
   if values.overwrite:
     cli.fail("--overwrite is not supported by the experiment: use a new --workdir")
   try:
@@ -443,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   values.steps, values.num_examples, values.only)
   except ValueError as e:
     cli.fail(str(e))
-  train._quiet_logging()  # pylint: disable=protected-access (the same logs as train)
+  training_cli.quiet_logging()  # the same logs as train
   return run_experiment(base, workdir, adapters=adapters, seeds=values.seeds,
                         attack=values.attack, steps=values.steps,
                         num_examples=values.num_examples, only=values.only, argv=argv[1:])
