@@ -89,3 +89,16 @@ def workdir_copy(trained_run, tmp_path):
   copy = tmp_path / "workdir"
   shutil.copytree(trained_run[0], copy)
   return str(copy)
+
+
+def jaxpr_eqns(jaxpr):
+  """All equations of a (closed) jaxpr, sub-jaxprs (while, scan, cond, pjit, custom_jvp...)
+  included: for tests that look for an operation (a parameter gradient, a collective)."""
+  from jax.extend import core as jex_core
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+          yield from jaxpr_eqns(sub)

@@ -3,7 +3,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
 import numpy as np
 import optax
 import pytest
@@ -14,9 +13,9 @@ from adv_soups.attacks import checkpoint_schedule, robust_accuracy
 from adv_soups.attacks.apgd import apgd, apgd_t
 from adv_soups.attacks.pgd import pgd
 from adv_soups.attacks import losses
-
 from adv_soups.attacks import apgd as apgd_lib
 from adv_soups.attacks import pgd as pgd_lib
+from conftest import jaxpr_eqns
 
 KEY = jax.random.PRNGKey(0)
 EPS = 0.1
@@ -83,15 +82,6 @@ def _batches(x, y, size, **extra):
                **{k: v[i:i + size] for k, v in extra.items()}) for i in range(0, len(y), size)]
 
 
-def _jaxpr_eqns(jaxpr):
-  """All equations of a (closed) jaxpr, sub-jaxprs (while, scan, pjit, custom_jvp...) included."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-        if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
-          yield from _jaxpr_eqns(sub)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +508,7 @@ def _param_shaped_dots(fn, *args):
   shapes = {tuple(v.shape) for v in jax.tree.leaves(RAND_PARAMS) if v.ndim == 2}
   shapes |= {s[::-1] for s in shapes}
   jaxpr = jax.make_jaxpr(fn)(*args)
-  return [e for e in _jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"
+  return [e for e in jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"
           and tuple(e.outvars[0].aval.shape) in shapes]
 
 
@@ -535,7 +525,7 @@ def test_no_parameter_gradients():
     assert not _param_shaped_dots(jax.jit(fn), RAND_PARAMS, x, y)
     # ... and as constants inside jit: they appear only as constants.
     jaxpr = jax.make_jaxpr(jax.jit(lambda x, y: attack(rand_mlp, x, y, KEY, eps=EPS)))(x, y)
-    assert not [e for e in _jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"
+    assert not [e for e in jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"
                 and tuple(e.outvars[0].aval.shape) in {(48, 37), (37, 10), (37, 48), (10, 37)}]
 
 

@@ -1,7 +1,6 @@
 """Tests of FAB-T (adv_soups.attacks.fab): the projection, closed-form distances on linear models,
 within_eps, box, compilation, batch / sharding independence, strength on a trained MLP, errors."""
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
-
-fab = importlib.import_module("adv_soups.attacks.fab")
-apgd_lib = importlib.import_module("adv_soups.attacks.apgd")
-losses = importlib.import_module("adv_soups.attacks.losses")
+from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import fab
+from adv_soups.attacks import losses
+from conftest import jaxpr_eqns
 
 KEY = jax.random.PRNGKey(0)
 SHAPE = (4, 4, 3)
@@ -311,18 +310,8 @@ def test_per_example_independent_of_batch_and_sharding():
 
 def test_no_parameter_gradients():
   """Only input gradients: no dot_general yields a weight-shaped (cotangent) array."""
-  from jax.extend import core as jex_core
-
-  def eqns(jaxpr):
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-          if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
-            yield from eqns(sub)
   shapes = {(DIM, 37), (37, 10), (37, DIM), (10, 37)}
-  weight_dots = lambda fn, *a: [e for e in eqns(jax.make_jaxpr(fn)(*a))
+  weight_dots = lambda fn, *a: [e for e in jaxpr_eqns(jax.make_jaxpr(fn)(*a))
                                 if e.primitive.name == "dot_general"
                                 and tuple(e.outvars[0].aval.shape) in shapes]
   x, y = jax.random.uniform(KEY, (4,) + SHAPE), jnp.arange(4)

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
 
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import square as sq
+from conftest import jaxpr_eqns
 
 KEY = jax.random.PRNGKey(0)
 SHAPE = (8, 8, 1)
@@ -161,15 +161,6 @@ def _no_derivative_jvp(primals, tangents):
   raise AssertionError("differentiated")
 
 
-def _jaxpr_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for v in eqn.params.values():
-      for sub in (v if isinstance(v, (list, tuple)) else [v]):
-        if isinstance(sub, jex_core.ClosedJaxpr):
-          yield from _jaxpr_eqns(sub.jaxpr)
-        elif isinstance(sub, jex_core.Jaxpr):
-          yield from _jaxpr_eqns(sub)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -182,7 +173,7 @@ def test_never_differentiates(norm):
     jax.make_jaxpr(lambda x: pgd_lib.pgd(fn, x, y, KEY, eps=0.1, num_steps=2, norm=norm))(x)
   jaxpr = jax.make_jaxpr(lambda x: sq.square(fn, x, y, KEY, eps=0.1, num_queries=30,
                                              norm=norm))(x)
-  names = {e.primitive.name for e in _jaxpr_eqns(jaxpr.jaxpr)}
+  names = {e.primitive.name for e in jaxpr_eqns(jaxpr.jaxpr)}
   assert "custom_jvp_call" in names  # the model stays an undifferentiated call
 
 
