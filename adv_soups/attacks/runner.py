@@ -331,7 +331,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       build = lambda: _clean_fn(logits_fn, has_params, hd, mesh)
     else:
       static = tuple(sorted(attack_settings[j].items()))
-      fn_key = ("attack", a, norm, budgets[a], static, logits_fn, has_params, hd, mesh)
+      fn_key = ("attack", a, id(registry.get(a)), norm, budgets[a], static, logits_fn,
+                has_params, hd, mesh)
       build = lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, norm, budgets[a], static)
     key = ("executable", fn_key, size, state["shapes"])
 
