@@ -146,11 +146,11 @@ class LoadedModel:
         whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
     """
-    from adv_soups import cli  # local: keeps `import adv_soups` light
+    from adv_soups import numbers  # local: keeps `import adv_soups` light
     if attack not in LOAD_ATTACKS:
       raise ValueError(f"unknown attack {attack!r}: allowed {', '.join(LOAD_ATTACKS)}")
     norm = self.config.attack.norm
-    eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
+    eps = self.config.attack.eps if eps is None else numbers.parse_eps(eps, norm)
     if steps is None:
       steps = suites.resolve_steps((attack,), None, int(self.config.eval.attack_steps))[attack]
     images = self._images(images)

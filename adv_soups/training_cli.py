@@ -17,9 +17,10 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adv_soups import cli, parallel, preemption, training
+from adv_soups import parallel, preemption, training
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
+from adv_soups.numbers import fractions_to_numbers
 
 
 def define_flags(extra: tuple = ()) -> flags.FlagValues:
@@ -50,20 +51,6 @@ def quiet_logging() -> None:
   quiet = lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy)
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(quiet)
-
-
-def fractions_to_numbers(argv: list[str]) -> list[str]:
-  """`--config.attack.eps=4/255` -> `--config.attack.eps=0.01568...` (absl parses floats only)."""
-  out = []
-  for arg in argv:
-    name, sep, value = arg.partition("=")
-    if sep and name.startswith("--config.") and "/" in value and not name.endswith("data_dir"):
-      try:
-        value = repr(cli.parse_number(value, name))
-      except ValueError:
-        pass  # not a fraction (e.g. a path): let the flag parser judge it
-    out.append(name + sep + value if sep else arg)
-  return out
 
 
 def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = None

@@ -12,7 +12,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from adv_soups import checkpoints, data as data_lib, parallel, training, training_cli
+from adv_soups import checkpoints, data as data_lib, evaluators, parallel, training, training_cli
 from adv_soups import workdir as workdir_lib
 from adv_soups.attacks.pgd import pgd
 from adv_soups.evaluation import periodic
@@ -199,7 +199,7 @@ def test_a_field_nothing_reads_is_refused(data_dir):
                      r"config\.train has: adv_weight, batch_size"):
     training.resolve_config(config)
   config = small_config(data_dir)
-  config.evals.extra = training.eval_entry(every=3)  # entries of config.evals are named freely
+  config.evals.extra = evaluators.entry("robust", every=3)  # entries of config.evals are named freely
   assert "extra" in training.resolve_config(config).evals
 
 

@@ -1,5 +1,5 @@
-"""Training as a library: the config (`config`), the train state and optimizer (`state`), the
-train step (`step`) and the loop with its checkpoints (`loop`). `python -m adv_soups.train` is its
+"""Training as a library: the config (`config`), the training modes (`modes`, a table), the train
+state and optimizer (`state`), the train step (`step`) and the loop with its checkpoints (`loop`). `python -m adv_soups.train` is its
 command line.
 
   from adv_soups import training
@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 
 _NAMES = {
-    "config": ("MODES", "OPTIMIZERS", "SCHEDULES", "NORMS", "CLEAN", "ADVERSARIAL",
-               "ADAPTERS_REGEX", "HEAD_REGEX", "base_config", "eval_entry", "resolve_config",
-               "adversarial_domain"),
+    "config": ("OPTIMIZERS", "SCHEDULES", "NORMS", "ADAPTERS_REGEX", "HEAD_REGEX", "base_config",
+               "eval_entry", "resolve_config"),
+    "modes": ("MODES", "CLEAN", "ADVERSARIAL", "TrainingMode", "Rows", "StepInputs",
+              "adversarial_domain", "register"),
     "state": ("TrainState", "weight_decay_mask", "trainable_mask", "stop_frozen_gradients",
               "learning_rate_schedule", "make_optimizer", "init_state"),
     "step": ("attack_schedule", "make_train_step"),

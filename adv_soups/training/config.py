@@ -8,19 +8,18 @@ file reader or the evaluation engine import them when `resolve_config` runs.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import jax
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from adv_soups import evaluators
 from adv_soups.models import create_model, init_params
+from adv_soups.training import modes as modes_lib
 
-MODES = ("cotrain", "adversarial", "clean")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 NORMS = ("linf", "l2")
-CLEAN, ADVERSARIAL = 0, 1
 
 # ------------------------------------------------------------------------------------------------
 # The schema.
@@ -52,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
       mixup=ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5))))
 
   config.train = ml_collections.ConfigDict(dict(
-      mode="cotrain",          # cotrain | adversarial | clean
+      mode="cotrain",          # cotrain | adversarial | clean (training/modes.py: MODES)
       steps=1000,              # total optimizer steps
       batch_size=128,          # global, images drawn from the data (each seen clean AND adv)
       clean_weight=1.0,        # cotrain loss = clean_weight * CE(clean) + adv_weight * CE(adv)
@@ -92,23 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
       attack_steps=10))        # PGD-k's k when an evaluation asks for 'pgd' (a quick check, not AA)
 
   # Periodic evaluation during training (adv_soups/evaluation/periodic.py): one entry per
-  # evaluator, e.g. --config.evals.val.every=200 --config.evals.val.attack=apgd-ce. The last
+  # evaluator, its `type` a module of adv_soups/evaluators (default robust), e.g.
+  # --config.evals.val.every=200 --config.evals.val.attack=apgd-ce. The last
   # step always runs every entry. A resumed run may change these settings.
   config.evals = ml_collections.ConfigDict(dict(
-      val=eval_entry(every=500, attack="pgd", domains="clean,adversarial")))
+      val=evaluators.entry("robust", every=500, attack="pgd", domains="clean,adversarial")))
   return config
-
-def eval_entry(every: int = 500, attack: str = "pgd", domains: str = "clean,adversarial",
-               **overrides: Any) -> ml_collections.ConfigDict:
-  """One `config.evals` entry with every field present (None fields are typed placeholders, so
-  each can be overridden from the command line: --config.evals.val.num_examples=1000)."""
-  entry = ml_collections.ConfigDict(dict(
-      every=every, attack=attack, domains=domains, steps=placeholder(int),
-      dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
-      batch_size=placeholder(int), eps=placeholder(float)))
-  entry.update(overrides)
-  return entry
-
 
 # ------------------------------------------------------------------------------------------------
 # Resolution and checks.
@@ -120,15 +108,13 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   from model.image_size; attack.step_size = 2.5 * eps / num_steps when None. Raises ValueError with
   one line naming the bad value and what is allowed.
   """
-  # The data sets' and the evaluation engine's modules load TensorFlow: imported on use, so
-  # that reading the schema stays light.
+  # The data sets' modules load TensorFlow: imported on use, so that reading the schema stays
+  # light (the evaluators import theirs in their checks).
   from adv_soups import data as data_lib
-  from adv_soups.evaluation import periodic
   config = ml_collections.ConfigDict(config.to_dict())
   _check_known_fields(config.to_dict(), base_config().to_dict())
   train, opt, attack = config.train, config.optimizer, config.attack
-  if train.mode not in MODES:
-    raise ValueError(f"unknown config.train.mode {train.mode!r}: allowed {list(MODES)}")
+  mode = modes_lib.get(train.mode)  # ValueError naming the allowed modes
   if opt.name not in OPTIMIZERS:
     raise ValueError(f"unknown config.optimizer.name {opt.name!r}: allowed {list(OPTIMIZERS)}")
   if opt.schedule not in SCHEDULES:
@@ -179,17 +165,18 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise ValueError(f"config.attack.eps={attack.eps} is outside the allowed range for "
                      f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
   _check_recipe(config, n_devices)
-  if train.mode != "cotrain":
+  domains = mode.domains(config)
+  if len(domains) == 1:
     config.model.num_domains = 1  # single-domain model: evaluate it with domain 0
-  elif config.model.num_domains != 2:
-    raise ValueError(f"config.model.num_domains={config.model.num_domains}: cotrain needs exactly "
-                     "2 (0 = clean, 1 = adversarial)")
+  elif config.model.num_domains != len(domains):
+    raise ValueError(f"config.model.num_domains={config.model.num_domains}: {train.mode} needs "
+                     f"exactly {len(domains)} ({modes_lib.describe_domains(domains)})")
   config.data.image_size = config.model.image_size
   if attack.step_size is None:
     attack.step_size = 2.5 * attack.eps / attack.num_steps
   create_model(config.model)  # validates the model fields
   config.model.channels = shape[-1]
-  periodic.validate(config)
+  evaluators.validate(config)
   _resolve_weights(config)
   return config
 
@@ -250,7 +237,7 @@ def _check_recipe(config: ml_collections.ConfigDict, n_devices: int) -> None:
 
 
 
-# Fields resolve_config fills in; `evals` holds entries named by the user (periodic.validate
+# Fields resolve_config fills in; `evals` holds entries named by the user (evaluators.validate
 # checks their fields).
 _FILLED = {"model.channels"}
 _OPEN = {"evals"}
@@ -269,8 +256,3 @@ def _check_known_fields(config: dict, base: dict, prefix: str = "") -> None:
                        f"{where} has: {', '.join(sorted(base))}")
     if isinstance(value, dict) and isinstance(base[key], dict):
       _check_known_fields(value, base[key], name + ".")
-
-
-def adversarial_domain(config: ml_collections.ConfigDict) -> int:
-  """The domain whose adapter is attacked and hardened: 1 in cotrain, 0 for one-domain models."""
-  return ADVERSARIAL if config.model.num_domains > 1 else CLEAN
