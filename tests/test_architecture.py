@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "adv_soups")
@@ -128,3 +129,41 @@ def test_the_config_schema_imports_no_tensorflow():
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.splitlines() == [f"{name} []" for name in LIGHT_MODULES]
+
+
+# ------------------------------------------------------------------------------------------------
+# One source for each default.
+
+def test_the_model_constructor_defaults_are_the_schemas():
+  """create_model needs variant and image_size (the schema holds their defaults) and fills every
+  other absent field with the schema's value."""
+  import jax.numpy as jnp
+  from adv_soups.models import create_model
+  from adv_soups.training.config import base_config
+  schema = base_config().model
+  model = create_model(dict(variant=schema.variant, image_size=schema.image_size,
+                            num_classes=schema.num_classes))
+  full = create_model(schema)
+  for field in ("adapter", "num_domains", "mean", "std", "dropout_rate", "drop_path_rate",
+                "remat", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
+    assert getattr(model, field) == getattr(full, field), field
+  assert model.dtype == jnp.float32 and schema.dtype == "float32"
+  for missing in ("variant", "image_size"):
+    fields = dict(variant="tiny/4", image_size=32, num_classes=10)
+    del fields[missing]
+    with pytest.raises(ValueError, match=f"model {missing} is required"):
+      create_model(fields)
+
+
+def test_the_data_pipeline_defaults_are_the_schemas():
+  """A data config without a field reads the schema's value (no second copy in the pipeline)."""
+  from adv_soups.data import pipeline
+  from adv_soups.training.config import base_config
+  schema = base_config().data
+  for field in ("shuffle_buffer", "crop_min_scale", "prefetch", "data_dir", "image_size"):
+    assert pipeline._field({"name": "digits"}, field) == schema[field], field
+  settings = pipeline._randaugment_settings({"randaugment": {"num_ops": 2}})
+  assert {k: settings[k] for k in ("magnitude", "magnitude_std", "prob")} == {
+      k: schema.randaugment[k] for k in ("magnitude", "magnitude_std", "prob")}
+  assert settings["fill"] == tuple(schema.randaugment.fill)
+  assert pipeline._randaugment_settings({"name": "digits"}) is None  # the schema's: off

@@ -87,8 +87,8 @@ def test_a_registered_mode_and_evaluator_pass_the_checks(plugins, data_dir):
   assert config.evals.toy.to_dict() == dict(type="toy", every=2, scale=2.0)
   from adv_soups.evaluation import periodic
   assert periodic.describe(config) == ["toy: the parameters' norm x 2.0, every 2 steps"]
-  with pytest.raises(ValueError, match=r"config\.evals\.toy\.scale=-1 must be > 0"):
-    training.resolve_config(toy_config(data_dir, scale=-1))
+  with pytest.raises(ValueError, match=r"config\.evals\.toy\.scale=-1.5 must be > 0"):
+    training.resolve_config(toy_config(data_dir, scale=-1.5))
   bad = toy_config(data_dir)
   bad.evals.toy.attack = "pgd"  # a field of the robust type, not of this one
   with pytest.raises(ValueError, match=r"config\.evals\.toy has unknown field\(s\) attack: "

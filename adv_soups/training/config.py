@@ -110,7 +110,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """
   # The data sets' modules load TensorFlow: imported on use, so that reading the schema stays
   # light (the evaluators import theirs in their checks).
-  from adv_soups import data as data_lib
+  from adv_soups.data.registry import dataset_info
   config = ml_collections.ConfigDict(config.to_dict())
   _check_known_fields(config.to_dict(), base_config().to_dict())
   train, opt, attack = config.train, config.optimizer, config.attack
@@ -122,7 +122,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"{list(SCHEDULES)}")
   if attack.norm not in NORMS:
     raise ValueError(f"unknown config.attack.norm {attack.norm!r}: allowed {list(NORMS)}")
-  num_classes, shape = data_lib.dataset_info(config.data.name, config.model.image_size)
+  num_classes, shape = dataset_info(config.data.name, config.model.image_size)
   if config.model.num_classes != num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.data.name!r} has {num_classes} classes")
