@@ -2,7 +2,8 @@
 
 This module is itself the toy evaluator (its module-level fields / check / evaluate / describe),
 registered as type "toy": adding an evaluator is one module plus a config entry. The toy training
-mode trains one domain on each image and its mirror image, weighted 1/2 each, with its own metric.
+mode trains one domain on each image and its mirror image, weighted 1/2 each, with its own loss
+term (logit consistency between the two) and metric.
 """
 from __future__ import annotations
 
@@ -52,12 +53,20 @@ def _mirrored_rows(inputs: modes.StepInputs) -> modes.Rows:
                     targets=jnp.repeat(labels, 2), weights=jnp.full((2 * size,), 0.5))
 
 
-def _mirrored_metrics(per_row, correct):
+def _mirrored_loss(logits, rows, inputs):
+  """The rows' weighted CE plus 0.1 x the squared logit difference between x and its mirror."""
+  per_row = modes.cross_entropy(logits, rows, inputs)
+  pairs = logits.reshape(-1, 2, logits.shape[-1])
+  consistency = jnp.mean(jnp.sum((pairs[:, 0] - pairs[:, 1]) ** 2, -1))
+  return jnp.sum(per_row * rows.weights) / inputs.labels.shape[0] + 0.1 * consistency, per_row
+
+
+def _mirrored_metrics(per_row, correct, rows, inputs):
   return {"mirrored_loss": per_row[1::2].mean(), "train_accuracy": correct.mean()}
 
 
-MIRRORED = modes.TrainingMode(rows=_mirrored_rows, metrics=_mirrored_metrics,
-                              description="CE on x and on x mirrored, 1/2 each")
+MIRRORED = modes.TrainingMode(rows=_mirrored_rows, loss=_mirrored_loss, metrics=_mirrored_metrics,
+                              description="CE on x and on x mirrored, 1/2 each, + consistency")
 
 
 @pytest.fixture
@@ -110,8 +119,8 @@ def test_unregistered_names_are_refused(data_dir):
 @pytest.mark.slow
 def test_the_toy_mode_step_loss_is_its_rows_weighted_loss(plugins, data_dir):
   """One step of the toy mode from fresh parameters: the loss is the mean over images of
-  (CE(f(x)) + CE(f(mirror x))) / 2, computed here without the step (mutation: ignore the mode's
-  weights in make_train_step and the loss doubles)."""
+  (CE(f(x)) + CE(f(mirror x))) / 2 + 0.1 |f(x) - f(mirror x)|^2, computed here without the step
+  (mutation: the step ignores the mode's loss and uses the default)."""
   config = training.resolve_config(toy_config(data_dir))
   mesh = parallel.make_mesh()
   model = create_model(config.model)
@@ -121,10 +130,12 @@ def test_the_toy_mode_step_loss_is_its_rows_weighted_loss(plugins, data_dir):
   images = rng.uniform(0, 1, (64, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 64).astype(np.int32)
   zeros = jnp.zeros((64,), jnp.int32)
-  expected = 0.0
+  expected, both = 0.0, []
   for x in (images, images[:, :, ::-1]):
     logits = model.apply({"params": state.params}, jnp.asarray(x), zeros, train=False)
     expected += 0.5 * float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+    both.append(np.asarray(logits))
+  expected += 0.1 * float(np.mean(np.sum((both[0] - both[1]) ** 2, -1)))
   step = training.make_train_step(config, model, optimizer, mesh)
   state = jax.device_put(state, parallel.replicated(mesh))
   _, metrics = step(state, parallel.shard_batch(mesh, {"image": images, "label": labels}))

@@ -1,11 +1,12 @@
 """The training modes as a table: `config.train.mode` names an entry of `MODES`, which says how the
-train step builds the rows the model sees (inputs, domains, targets, weights), the per-row loss on
-their logits, and the mode's own train metrics. A new mode or loss (TRADES, multi-threat
-co-training, ...) is one entry, registered with `register` (from any module, a test included).
+train step builds the rows the model sees (inputs, domains, targets, weights), the loss on their
+logits, and the mode's own train metrics. A new mode or loss (TRADES, multi-threat co-training,
+...) is one entry, registered with `register` (from any module, a test included).
 
 The step calls, inside its jitted body: `rows = mode.rows(inputs)`, then in the differentiated
-function `per_row = mode.loss(logits, rows, inputs)` and `loss = sum(per_row * rows.weights) / B`
-(B = images drawn from the data), then `mode.metrics(per_row, correct)`.
+function `loss, aux = mode.loss(logits, rows, inputs)` (default: sum(CE per row * rows.weights) /
+B, B = images drawn from the data, aux = the per-row CE), then `mode.metrics(aux, correct, rows,
+inputs)` with correct [R] = argmax(logits) == rows.targets.
 Rows are example-major: row r belongs to image r // (R / B), so a per-image quantity (mixup's soft
 targets) repeats R / B times.
 
@@ -14,7 +15,7 @@ This module imports JAX only (no TensorFlow), so `training.config` can check mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +56,17 @@ class Rows:
   """The batch the model sees: R = k * B rows, example-major.
 
   inputs: float32 [R, H, W, C]; domains: int32 [R] (or mixing weights [R, D]); targets: int32 [R]
-  (the label each row is scored against); weights: float32 [R], each row's loss weight;
-  x_adv: the adversarial images [B, H, W, C] when the mode crafts them (the eps warm-up logs their
-  perturbation size), else None.
+  (the label each row is scored against); weights: float32 [R], each row's weight in the default
+  loss (None for a mode with its own loss that needs none); x_adv: the adversarial images
+  [B, H, W, C] when the mode crafts one set (the eps warm-up logs their perturbation size), else
+  None; aux: anything else the mode's loss and metrics need (e.g. a row layout).
   """
   inputs: jax.Array
   domains: jax.Array
   targets: jax.Array
-  weights: jax.Array
+  weights: jax.Array | None = None
   x_adv: jax.Array | None = None
+  aux: Any = None
 
 
 def cross_entropy(logits: jax.Array, rows: Rows, inputs: StepInputs) -> jax.Array:
@@ -77,9 +80,17 @@ def cross_entropy(logits: jax.Array, rows: Rows, inputs: StepInputs) -> jax.Arra
   return optax.softmax_cross_entropy(logits, one_hot)
 
 
-def accuracy_metric(per_row: jax.Array, correct: jax.Array) -> dict[str, jax.Array]:
+def weighted_cross_entropy(logits: jax.Array, rows: Rows,
+                           inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+  """The default loss: (sum over rows of CE * rows.weights / B, the per-row CE [R])."""
+  per_row = cross_entropy(logits, rows, inputs)
+  return jnp.sum(per_row * rows.weights) / inputs.labels.shape[0], per_row
+
+
+def accuracy_metric(aux: Any, correct: jax.Array, rows: Rows,
+                    inputs: StepInputs) -> dict[str, jax.Array]:
   """{'train_accuracy'}: the fraction of rows predicted right."""
-  del per_row
+  del aux, rows, inputs
   return {"train_accuracy": correct.mean()}
 
 
@@ -95,14 +106,16 @@ class TrainingMode:
   domains: config -> the names of the model's domains this mode trains, in domain order; one
     name = a single-domain model (`resolve_config` sets model.num_domains = 1); more = the model
     must have exactly that many.
-  loss: (logits [R, K], Rows, StepInputs) -> per-row loss [R] (default: cross-entropy).
-  metrics: (per-row loss [R], correct [R] float) -> {name: scalar} added to the step's metrics.
+  loss: (logits [R, K], Rows, StepInputs) -> (scalar loss, aux): the loss differentiated and
+    anything the metrics need (default `weighted_cross_entropy`; aux = the per-row CE).
+  metrics: (aux, correct [R] float, Rows, StepInputs) -> {name: scalar} added to the step's
+    metrics (default: train_accuracy).
   description: one line for the README / --help.
   """
   rows: Callable[[StepInputs], Rows]
   domains: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = one_domain
-  loss: Callable[[jax.Array, Rows, StepInputs], jax.Array] = cross_entropy
-  metrics: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] = accuracy_metric
+  loss: Callable[[jax.Array, Rows, StepInputs], tuple[jax.Array, Any]] = weighted_cross_entropy
+  metrics: Callable[[Any, jax.Array, Rows, StepInputs], dict[str, jax.Array]] = accuracy_metric
   description: str = ""
 
 
@@ -141,7 +154,9 @@ def _cotrain_rows(inputs: StepInputs) -> Rows:
               x_adv=x_adv)
 
 
-def _cotrain_metrics(per_row: jax.Array, correct: jax.Array) -> dict[str, jax.Array]:
+def _cotrain_metrics(per_row: jax.Array, correct: jax.Array, rows: Rows,
+                     inputs: StepInputs) -> dict[str, jax.Array]:
+  del rows, inputs
   return dict(clean_loss=per_row[0::2].mean(), adv_loss=per_row[1::2].mean(),
               clean_train_accuracy=correct[0::2].mean(), adv_train_accuracy=correct[1::2].mean())
 
@@ -185,4 +200,4 @@ def describe_domains(names: tuple[str, ...] | list[str]) -> str:
 
 __all__ = ["ADVERSARIAL", "CLEAN", "MODES", "Rows", "StepInputs", "TrainingMode",
            "accuracy_metric", "adversarial_domain", "cross_entropy", "describe_domains", "get",
-           "num_domains", "register"]
+           "num_domains", "register", "weighted_cross_entropy"]

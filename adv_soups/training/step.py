@@ -41,7 +41,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
   cotrain: loss = clean_weight * CE(f(x, 0), y) + adv_weight * CE(f(x_adv, 1), y), with x_adv
   from PGD against domain 1 under the current (frozen) parameters; both halves run as one batch
   of 2B, interleaved per example so each device keeps its own examples. adversarial: CE on x_adv
-  only (one domain). clean: CE on x only. The loss is sum(per_row * weights) / B.
+  only (one domain). clean: CE on x only. Each loss is sum(CE per row * row weight) / B.
   With data.mixup on, x is first mixed (`adv_soups.data.mixup`) and every CE, PGD's included,
   uses the soft targets (our choice; the paper is silent): both branches see the same mixed
   images; train accuracies then compare with each example's own label. With
@@ -67,7 +67,6 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
 
   def step_fn(state: TrainState, batch):
     images, labels = batch["image"], batch["label"]
-    size = labels.shape[0]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     attack_rng, dropout_rng = jax.random.split(rng)
     eps, step_size = attack_schedule(attack, state.step)
@@ -89,10 +88,10 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
       params = stop_frozen_gradients(params, config.train.get("trainable", "all"))
       logits = model.apply({"params": params}, rows.inputs, rows.domains, train=True,
                            rngs={"dropout": dropout_rng})
-      per_example = mode.loss(logits, rows, inputs)
-      return jnp.sum(per_example * rows.weights) / size, (logits, per_example)
+      loss, aux = mode.loss(logits, rows, inputs)
+      return loss, (logits, aux)
 
-    (loss, (logits, per_example)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
@@ -100,7 +99,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
     correct = (jnp.argmax(logits, -1) == rows.targets).astype(jnp.float32)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    metrics.update(mode.metrics(per_example, correct))
+    metrics.update(mode.metrics(aux, correct, rows, inputs))
     if eps_warmup and x_adv is not None:
       delta = x_adv - images
       norms = jnp.sqrt(jnp.sum(delta * delta, axis=(1, 2, 3))) if attack.norm == "l2" else \
