@@ -144,10 +144,10 @@ class LoadedModel:
       seed: random starts (per example).
     The attack runs with full-precision (float32, 'highest') matmuls.
     """
-    from adv_soups import cli  # local: keeps `import adv_soups` light
+    from adv_soups import numbers  # local: keeps `import adv_soups` light
     entry = registry.get(attack)
     norm = self.config.attack.norm
-    eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
+    eps = self.config.attack.eps if eps is None else numbers.parse_eps(eps, norm)
     budget = registry.resolve_budgets(
         (attack,), None if steps is None else {attack: steps},
         pgd_steps=int(self.config.eval.attack_steps))[attack]

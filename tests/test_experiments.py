@@ -25,11 +25,11 @@ SETTINGS = dict(adapters=("token", "norm"), seeds=1, attack="apgd-ce", steps=2, 
 def experiment(tmp_path_factory, data_dir):
   """Runs the tiny experiment three times: killed during its second run, resumed, re-run.
   Returns (workdir, data_dir, base config, {phase: train calls}, {phase: evaluations}, results)."""
-  from adv_soups import evaluation, preemption, train
+  from adv_soups import evaluation, preemption, training
   from adv_soups.experiments import adapters
   workdir = str(tmp_path_factory.mktemp("experiment") / "dir")
   base = _tiny(data_dir)
-  real_train, real_eval = train.train_and_evaluate, evaluation.run_request
+  real_train, real_eval = training.train_and_evaluate, evaluation.run_request
   calls = {"train": [], "eval": []}
 
   def counting_train(config, run_dir, *args, **kwargs):
@@ -48,7 +48,7 @@ def experiment(tmp_path_factory, data_dir):
     return real_eval(request, *args, **kwargs)
 
   mp = pytest.MonkeyPatch()
-  mp.setattr(train, "train_and_evaluate", counting_train)
+  mp.setattr(training, "train_and_evaluate", counting_train)
   mp.setattr(evaluation, "run_request", counting_eval)
   counts = {}
   try:
@@ -166,17 +166,130 @@ def test_bad_flags_exit_2_and_write_nothing(tmp_path, data_dir, capsys):
 
 
 def test_runs_share_budget_and_data_order_per_seed(data_dir):
-  from adv_soups.experiments import adapters
+  """The plan stage alone."""
+  from adv_soups.experiments import plan
   base = _tiny(data_dir)
-  runs = adapters.plan_runs(["token", "none"], 2)
+  runs = plan.plan_runs(["token", "none"], 2)
   assert [r.name for r in runs] == [
       "clean-none-seed0", "adversarial-none-seed0", "cotrain-token-seed0", "cotrain-none-seed0",
       "clean-none-seed1", "adversarial-none-seed1", "cotrain-token-seed1", "cotrain-none-seed1"]
-  configs = [adapters.run_config(base, r) for r in runs]
+  configs = [plan.run_config(base, r) for r in runs]
   for run, config in zip(runs, configs):
     assert (config.seed, config.train.mode, config.model.adapter) == (run.seed, run.mode,
                                                                       run.adapter)
     assert (config.train.steps, config.train.batch_size) == (30, 64)
     assert config.model.num_domains == (2 if run.mode == "cotrain" else 1)
-  assert not adapters.Run("cotrain", "none", 0).has_soup
-  assert adapters.select_runs(runs, "cotrain-none-seed1,clean-none-seed0") == [runs[0], runs[7]]
+  assert not plan.Run("cotrain", "none", 0).has_soup
+  assert plan.select_runs(runs, "cotrain-none-seed1,clean-none-seed0") == [runs[0], runs[7]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Each later stage alone, on stored inputs.
+
+def _figures(clean, robust, soup=None, per_domain=10):
+  """A run's figures as the run stage stores them (only the fields the later stages read)."""
+  out = dict(clean_accuracy=clean, robust_accuracy=robust, total_params=1000,
+             per_domain_params=per_domain, num_examples=32, attack="APGD-CE (2 steps)",
+             eval_wall_s=1.5)
+  if soup is not None:
+    out["soup"] = [dict(alpha=a, clean_accuracy=c, robust_accuracy=r) for a, c, r in soup]
+  return out
+
+
+def test_aggregate_stage_alone_on_stored_records(data_dir, tmp_path):
+  """Means and sample stds over seeds, the parameter ratio to the token adapter and the mean soup
+  curve, from records read back from a JSON file (expected values computed here with numpy)."""
+  from adv_soups.experiments import aggregate, plan
+  runs = plan.plan_runs(["token"], 2)
+  rng = np.random.default_rng(0)
+  records = {}
+  for run in runs:
+    soup = ([(a, *rng.uniform(0, 1, 2)) for a in (0.0, 0.5, 1.0)] if run.has_soup else None)
+    figures = _figures(*rng.uniform(0, 1, 2), soup=soup, per_domain=64 if run.has_soup else 0)
+    records[run.name] = dict(name=run.name, mode=run.mode, adapter=run.adapter, seed=run.seed,
+                             figures=figures, status="done", train_wall_s=2.0)
+  stored = tmp_path / "records.json"
+  stored.write_text(json.dumps(records))
+  config = plan.run_config(_tiny(data_dir), runs[-1])
+  results = aggregate.aggregate(runs, json.loads(stored.read_text()), config, seeds=2,
+                                adapters=["token"], attack="apgd-ce", steps=2, num_examples=32)
+  token = aggregate.per_domain_params(config.model, "token")
+  assert token > 0
+  rows = {(r["mode"], r["adapter"]): r for r in results["summary"]}
+  assert list(rows) == [("clean", "none"), ("adversarial", "none"), ("cotrain", "token")]
+  for (mode, adapter), row in rows.items():
+    figs = [records[r.name]["figures"] for r in runs if (r.mode, r.adapter) == (mode, adapter)]
+    assert row["seeds"] == 2
+    for key in ("clean_accuracy", "robust_accuracy"):
+      values = [f[key] for f in figs]
+      assert row[key + "_mean"] == pytest.approx(np.mean(values))
+      assert row[key + "_std"] == pytest.approx(np.std(values, ddof=1))
+  assert rows[("cotrain", "token")]["ratio_to_token"] == pytest.approx(64 / token)
+  curve = rows[("cotrain", "token")]["soup"]
+  cotrain = [records[r.name]["figures"]["soup"] for r in runs if r.has_soup]
+  assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0]
+  assert curve[1]["robust_accuracy_mean"] == pytest.approx(
+      np.mean([s[1]["robust_accuracy"] for s in cotrain]))
+  assert results["settings"]["num_examples_text"] == "the first 32 held-out examples"
+  assert results["train_wall_s_total"] == pytest.approx(2.0 * len(runs))
+  assert [r["name"] for r in results["runs"]] == [r.name for r in runs]
+
+
+def test_render_stage_alone_on_a_stored_results_file(tmp_path):
+  """results.md and adapters.png from a results dict read back from JSON: one table row per
+  (mode, adapter) with its numbers, a pending row, the soup table."""
+  from adv_soups.experiments import render
+  summary = [
+      dict(mode="clean", adapter="none", seeds=1, per_domain_params=0, ratio_to_token=0.0,
+           clean_accuracy_mean=0.9, clean_accuracy_std=0.0, robust_accuracy_mean=0.1,
+           robust_accuracy_std=0.0),
+      dict(mode="cotrain", adapter="token", seeds=1, per_domain_params=64, ratio_to_token=1.0,
+           clean_accuracy_mean=0.8, clean_accuracy_std=0.0, robust_accuracy_mean=0.4,
+           robust_accuracy_std=0.0,
+           soup=[dict(alpha=a, clean_accuracy_mean=0.8 - a / 10, clean_accuracy_std=0.0,
+                      robust_accuracy_mean=0.3 + a / 10, robust_accuracy_std=0.0)
+                 for a in (0.0, 1.0)]),
+      dict(mode="cotrain", adapter="norm", seeds=0)]
+  runs = [dict(mode="clean", adapter="none", figures=_figures(0.9, 0.1)),
+          dict(mode="cotrain", adapter="token", figures=_figures(0.8, 0.4)),
+          dict(mode="cotrain", adapter="norm", figures=None)]
+  settings = dict(dataset="digits", train_steps=30, batch_size=64, seeds=1, attack="APGD-CE",
+                  norm="linf", eps=0.03, num_examples_text="the first 32 held-out examples")
+  stored = tmp_path / "stored.json"
+  stored.write_text(json.dumps(dict(settings=settings, summary=summary, runs=runs)))
+  paths = render.write_outputs(str(tmp_path / "out"), json.loads(stored.read_text()))
+  md = open(paths[1]).read()
+  table = [line for line in md.splitlines() if line.startswith("| ") and "| n |" not in line]
+  assert "| clean-only | none | 0 | 0.0 | 90.0 +- 0.0 | 10.0 +- 0.0 | 1 |" in table
+  assert "| co-training | token | 64 | 1.0 | 80.0 +- 0.0 | 40.0 +- 0.0 | 1 |" in table
+  assert "| co-training | norm | - | - | pending | pending | 0 |" in table
+  assert "| 1 | 70.0 / 40.0 |" in table  # the soup row at alpha 1
+  assert json.load(open(paths[0]))["summary"] == summary
+  with open(paths[2], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_run_stage_alone_on_a_stored_workdir(data_dir, tmp_path, monkeypatch):
+  """A finished run's workdir (stored parameters, no training): the run stage trains nothing,
+  evaluates it once (the soup curve of a co-trained adapter), and a second pass reads the report
+  back without computing anything."""
+  from adv_soups import evaluation, preemption, training
+  from adv_soups.experiments import plan, run as run_lib
+  from conftest import write_untrained_workdir
+  run = plan.Run("cotrain", "token", 0)
+  config = plan.run_config(_tiny(data_dir), run)
+  run_dir = tmp_path / run.name
+  write_untrained_workdir(run_dir, config, step=30, noise=0.02)
+  preemption.write_finished(str(run_dir), 30)
+  monkeypatch.setattr(training, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
+  records = run_lib.run_selected([run], {run.name: config}, str(tmp_path), "apgd-ce", 1, 16)
+  figures = records[run.name]["figures"]
+  assert records[run.name]["trained_now"] is False and not figures["report_reused"]
+  assert [p["alpha"] for p in figures["soup"]] == pytest.approx(np.linspace(0, 1, 11))
+  assert figures["num_examples"] == 16 and os.path.exists(figures["report"])
+  monkeypatch.setattr(evaluation, "run_request", lambda *a, **k: pytest.fail("recomputed"))
+  again = run_lib.collect([run], {}, str(tmp_path), "apgd-ce", 1, 16)
+  assert again[run.name]["figures"]["report_reused"]
+  assert again[run.name]["figures"]["soup"] == figures["soup"]
+  assert again[run.name]["status"] == "done"

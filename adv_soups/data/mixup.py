@@ -11,7 +11,7 @@ on = 1 - s + s / K), which equals smoothing the mixed one-hot targets.
 
 Where the partner comes from (our choice): example 2i is paired with 2i + 1 of the global batch
 (and vice versa). The pairs never straddle a device or process boundary as long as each device
-holds an even number of examples (checked by `adv_soups.train.resolve_config`), so mixing moves
+holds an even number of examples (checked by `adv_soups.training.resolve_config`), so mixing moves
 no data between devices, and the result does not depend on the device or process count: it is a
 function of (seed, step) and the global batch alone. (timm pairs i with B - 1 - i of its batch;
 which partner is used makes no difference to the distribution of the pairs.)

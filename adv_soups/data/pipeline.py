@@ -9,7 +9,7 @@ Data config fields (`config.data`, an ml_collections ConfigDict; a dict works to
   data_dir        TFDS data directory; None = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   image_size      side length in pixels of the model input; None = the dataset's default
                   (8 / 32 / 224). Other sizes are resized to.
-  shuffle_buffer  examples in the tf.data shuffle buffer (default 10_000). The buffer is part of
+  shuffle_buffer  examples in the tf.data shuffle buffer (schema default 10_000). The buffer is part of
                   each iterator checkpoint: for ImageNet it holds encoded JPEGs (~110 kB each), so
                   10_000 costs ~1.1 GB per process per checkpoint; keep it modest.
   crop_min_scale  ImageNet random-resized-crop minimum area fraction (default 0.08; the maximum is
@@ -18,6 +18,8 @@ Data config fields (`config.data`, an ml_collections ConfigDict; a dict works to
   randaugment     ConfigDict(num_ops, magnitude, magnitude_std, prob, fill): timm's RandAugment
                   (`adv_soups.data.randaugment`) on the uint8 image after the augmentation below,
                   before the conversion to float; num_ops = 0 (the default) is off.
+
+A field a data config lacks takes its default from the config schema (`training.config`).
 
 Training augmentation (all stateless, keyed by (seed, process index, position in the stream)):
   digits   zero-pad 1 px and random-crop back to 8x8 (a +-1 px translation); no flip (digits are
@@ -56,9 +58,12 @@ import tensorflow_datasets as tfds
 from adv_soups.data import digits as digits_lib
 from adv_soups.data import randaugment as randaugment_lib
 from adv_soups.data import registry
+from adv_soups.training.config import base_config
 
-_DEFAULTS = {"data_dir": None, "image_size": None, "shuffle_buffer": 10_000,
-             "crop_min_scale": 0.08, "prefetch": 2, "randaugment": None}
+# A field absent from a data config takes the config schema's default (its one source).
+_DEFAULTS = {k: v for k, v in base_config().data.to_dict().items()
+             if k in ("data_dir", "image_size", "shuffle_buffer", "crop_min_scale", "prefetch",
+                      "randaugment")}
 _RANDAUGMENT_STREAM = 0x52414E44  # folded into each element's seed for RandAugment's draws
 
 
@@ -163,11 +168,12 @@ def _randaugment_settings(config: Any) -> dict[str, Any] | None:
   settings = _field(config, "randaugment")
   if settings is None or not int(settings.get("num_ops", 0) or 0):
     return None
+  default = _DEFAULTS["randaugment"]
   kwargs = {"num_ops": int(settings["num_ops"]),
-            "magnitude": float(settings.get("magnitude", 9.0)),
-            "magnitude_std": float(settings.get("magnitude_std", 0.5)),
-            "prob": float(settings.get("prob", 0.5)),
-            "fill": tuple(settings.get("fill", randaugment_lib.IMAGENET_FILL))}
+            "magnitude": float(settings.get("magnitude", default["magnitude"])),
+            "magnitude_std": float(settings.get("magnitude_std", default["magnitude_std"])),
+            "prob": float(settings.get("prob", default["prob"])),
+            "fill": tuple(settings.get("fill", default["fill"]))}
   randaugment_lib.check_settings(**kwargs)
   return kwargs
 

@@ -1,126 +1,30 @@
 """Periodic evaluation during training, described in the config (`config.evals`, big_vision-style).
 
-Each entry of `config.evals` is one evaluator, named by its key, e.g.
+Each entry of `config.evals` is one evaluator, named by its key; its `type` picks the evaluator
+(`adv_soups.evaluators`, default "robust"), e.g.
 
-  config.evals.val = dict(every=500, attack="pgd", steps=None, domains="clean,adversarial",
-                          dataset=None, split=None, num_examples=None, batch_size=None, eps=None)
+  config.evals.val = evaluators.entry("robust", every=500, attack="pgd",
+                                      domains="clean,adversarial")
 
 every: training steps between runs (0 = only at the end; the last step always runs).
-attack: a suite of `attacks.suites` ('pgd', 'apgd-ce', 'autoattack', 'apgd-ce,apgd-t', or
-  'none' for clean accuracy only); steps: its budget (None: the table's default, PGD's from
-  config.eval.attack_steps).
-domains: the models to evaluate, a comma list of 'clean' (domain 0), 'adversarial' (domain 1) and
-  numbers (the soup at that alpha); a single-domain run evaluates its one model ('model').
-dataset / split / num_examples / batch_size / eps: None = config.data.name, config.eval's,
-  config.attack.eps. A num_examples larger than the split is clamped, with one note line.
-Metrics are named '<entry>/<model>/clean_accuracy' and '<entry>/<model>/robust_accuracy'.
+The other fields are the type's own (see `adv_soups/evaluators/robust.py` for the default type).
+Metrics are named '<entry>/<metric>' where the evaluator yields '<metric>' (the robust type:
+'<entry>/<model>/clean_accuracy' and '<entry>/<model>/robust_accuracy').
 These settings leave the training trajectory alone, so a resumed run may change them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_collections
-import numpy as np
-from absl import logging
-from ml_collections.config_dict import placeholder
 
-from adv_soups import data as data_lib
-from adv_soups import soups
-from adv_soups.attacks import suites
+from adv_soups import evaluators
 from adv_soups.evaluation import engine
-from adv_soups.evaluation import requests as requests_lib
-from adv_soups.evaluation import run as run_lib
+from adv_soups.evaluators.robust import parse_domains  # noqa: F401  (its earlier home)
 
-FIELDS = ("every", "attack", "steps", "domains", "dataset", "split", "num_examples",
-          "batch_size", "eps")
-_noted: set[tuple] = set()
-
-
-def evaluator(every: int = 500, attack: str = "pgd", domains: str = "clean,adversarial",
-              **overrides: Any) -> ml_collections.ConfigDict:
-  """One `config.evals` entry with every field present (None fields are typed placeholders, so
-  each can be overridden from the command line: --config.evals.val.num_examples=1000)."""
-  entry = ml_collections.ConfigDict(dict(
-      every=every, attack=attack, domains=domains, steps=placeholder(int),
-      dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
-      batch_size=placeholder(int), eps=placeholder(float)))
-  entry.update(overrides)
-  return entry
-
-
-def parse_domains(text: str, num_domains: int) -> tuple[np.ndarray, list[str]]:
-  """'clean,adversarial,0.5' -> (columns int [A] or weights [A, D], labels). ValueError for a
-  bad token. A single-domain model has one column, domain 0, labelled 'model'."""
-  tokens = [t.strip() for t in str(text).split(",") if t.strip()]
-  if not tokens:
-    raise ValueError(f"domains={text!r} is empty: allowed a comma list of clean, adversarial "
-                     "and alphas in [0, 1]")
-  weights, labels = [], []
-  for t in tokens:
-    if t in ("clean", "adversarial"):
-      alpha = 0.0 if t == "clean" else 1.0
-    else:
-      try:
-        alpha = float(t)
-      except ValueError:
-        raise ValueError(f"domains={text!r}: unknown model {t!r}; allowed clean, adversarial or "
-                         "an alpha in [0, 1]") from None
-      if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"domains={text!r}: alpha {t} is outside [0, 1]")
-      t = f"alpha{alpha:g}"
-    if t not in labels:
-      weights.append(alpha)
-      labels.append(t)
-  if num_domains == 1:
-    return np.zeros([1], np.int32), ["model"]
-  if all(lab in ("clean", "adversarial") for lab in labels):
-    return np.asarray([0 if lab == "clean" else 1 for lab in labels], np.int32), labels
-  mix = np.asarray(soups.mix_weights(weights), np.float32)
-  return np.pad(mix, ((0, 0), (0, num_domains - 2))), labels
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every `config.evals` entry (ValueError: one line naming the bad field)."""
-  evals = config.get("evals", None)
-  if evals is None:
-    return
-  for name, entry in evals.items():
-    where = f"config.evals.{name}"
-    if not isinstance(entry, (dict, ml_collections.ConfigDict)):
-      raise ValueError(f"{where} must be a dict of {', '.join(FIELDS)}")
-    unknown = sorted(set(entry.keys()) - set(FIELDS))
-    if unknown:
-      raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}: allowed "
-                       f"{', '.join(FIELDS)}")
-    every = entry.get("every", 0)
-    if not isinstance(every, int) or every < 0:
-      raise ValueError(f"{where}.every must be an integer >= 0, got {every!r}")
-    try:
-      names = suites.parse_suite(entry.get("attack", "none"))
-    except ValueError as e:
-      raise ValueError(f"{where}.attack: {e}") from None
-    for field in ("steps", "num_examples", "batch_size"):
-      value = entry.get(field, None)
-      if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"{where}.{field} must be an integer >= 1 (or None), got {value!r}")
-    try:
-      parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
-    except ValueError as e:
-      raise ValueError(f"{where}.{e}") from None
-    dataset = entry.get("dataset", None) or config.data.name
-    try:
-      spec = requests_lib.check_dataset(dataset, config)  # classes and channels
-    except ValueError as e:
-      raise ValueError(f"{where}.dataset: {e}") from None
-    for n in names:
-      if spec.num_classes < suites.ATTACKS[n].min_classes:
-        raise ValueError(f"{where}.attack: {n} needs >= {suites.ATTACKS[n].min_classes} "
-                         f"classes, {dataset!r} has {spec.num_classes}")
-    eps = entry.get("eps", None)
-    if eps is not None and not (0 <= eps <= (1 if config.attack.norm == "linf" else np.inf)):
-      raise ValueError(f"{where}.eps={eps} is outside the allowed range for "
-                       f"{config.attack.norm}")
+evaluator = functools.partial(evaluators.entry, "robust")  # its earlier name: one robust entry
+validate = evaluators.validate  # noqa: E305  (its earlier home)
 
 
 def due(config: ml_collections.ConfigDict, step: int, last: bool) -> list[str]:
@@ -132,36 +36,17 @@ def due(config: ml_collections.ConfigDict, step: int, last: bool) -> list[str]:
 
 def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
              names: list[str] | None = None, workdir: str = "") -> dict[str, float]:
-  """Runs the `config.evals` entries `names` (default all) on `params`; returns the metrics
-  {'<entry>/<model>/clean_accuracy': fraction, '<entry>/<model>/robust_accuracy': fraction}."""
-  from adv_soups import loading
+  """Runs the `config.evals` entries `names` (default all) on `params`; returns
+  {'<entry>/<metric>': value} over what each entry's evaluator yields."""
   params = engine.host_local(params)  # a multi-host state goes to each process's devices
-  loaded = loading.LoadedModel(config=config, model=model, params=params, step=step,
-                               workdir=workdir)
   evals = config.get("evals", None) or {}
   metrics: dict[str, float] = {}
   for name in (list(evals) if names is None else names):
     entry = evals[name]
-    columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
-    request = requests_lib.make_request(
-        workdir, attack=entry.get("attack", "none"), eps=entry.get("eps", None),
-        steps=entry.get("steps", None), dataset=entry.get("dataset", None),
-        split=entry.get("split", None), num_examples=entry.get("num_examples", None),
-        batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
-    request.columns, request.labels = columns, labels
-    _note_clamp(name, request)
-    spec = data_lib.get_spec(request.dataset)
-    rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
-                              len(labels))
-    result = engine.gather(engine.evaluate_columns(
-        model, params, request.batches(request.dataset, request.split, request.num_examples),
-        columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
-        norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
-        index_offset=request.offset(request.dataset, request.split, request.num_examples)))
-    for a, label in enumerate(labels):
-      metrics[f"{name}/{label}/clean_accuracy"] = float(result.clean_correct[:, a].mean())
-      if request.attacks:
-        metrics[f"{name}/{label}/robust_accuracy"] = float(result.robust[:, a].mean())
+    kind = evaluators.get(evaluators.type_of(entry))
+    for key, value in kind.evaluate(f"config.evals.{name}", entry, config, model, params, step,
+                                    workdir):
+      metrics[f"{name}/{key}"] = float(value)
   return metrics
 
 
@@ -169,23 +54,7 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
   """One line per entry: what it measures and how often."""
   out = []
   for name, e in (config.get("evals", None) or {}).items():
-    names = suites.parse_suite(e.get("attack", "none"))
-    budgets = suites.resolve_steps(names, e.get("steps", None), int(config.eval.attack_steps))
     every = e.get("every", 0)
-    out.append(f"{name}: {e.get('domains')} on {e.get('dataset', None) or config.data.name}, "
-               f"{suites.describe(names, budgets)}, "
-               + (f"every {every} steps" if every else "at the end"))
+    text = evaluators.get(evaluators.type_of(e)).describe(e, config)
+    out.append(f"{name}: {text}, " + (f"every {every} steps" if every else "at the end"))
   return out
-
-
-def _note_clamp(name: str, request) -> None:
-  """One note line (once per entry and split) when num_examples exceeds the split."""
-  if request.num_examples is None:
-    return
-  size = requests_lib.split_size(request.dataset, request.split, request.data_dir)
-  key = (name, request.dataset, request.split, request.num_examples)
-  if size is not None and request.num_examples > size and key not in _noted:
-    _noted.add(key)
-    logging.warning("config.evals.%s: num_examples=%d exceeds the %d examples of %s %r: "
-                    "evaluating all %d", name, request.num_examples, size, request.dataset,
-                    request.split, size)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from adv_soups import cli
+from adv_soups import numbers
 from adv_soups import data as data_lib
 from adv_soups import soups
 from adv_soups import workdir as workdir_lib
@@ -296,7 +296,7 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
   norm = norm or config.attack.norm
   if norm not in ("linf", "l2"):
     raise ValueError(f"unknown norm {norm!r}: allowed linf, l2")
-  eps = cli.parse_eps(config.attack.eps if eps is None else eps, norm)
+  eps = numbers.parse_eps(config.attack.eps if eps is None else eps, norm)
   for flag, value in (("steps", steps), ("square_queries", square_queries),
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):

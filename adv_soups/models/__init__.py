@@ -36,13 +36,17 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def create_model(config: Any) -> ViT:
-  """Builds the ViT from a ConfigDict (or dict) with `variant`, `num_classes`, `adapter`,
-  `num_domains` (default 2) and `image_size`; optional: `patch_size`, `width`, `depth`,
-  `num_heads`, `mlp_dim` (override the variant), `mean`, `std`, `dropout_rate`, `drop_path_rate`,
-  `dtype` ('float32' or 'bfloat16': the compute dtype; parameters stay float32), `remat`
-  (checkpoint each block's activations). Bad values raise ValueError naming the value and the choices.
+  """Builds the ViT from a ConfigDict (or dict) with `variant`, `num_classes` and `image_size`;
+  optional (absent = the config schema's default, a test checks they agree): `adapter`,
+  `num_domains`, `patch_size`, `width`, `depth`, `num_heads`, `mlp_dim` (override the variant),
+  `mean`, `std`, `dropout_rate`, `drop_path_rate`, `dtype` ('float32' or 'bfloat16': the compute
+  dtype; parameters stay float32), `remat` (checkpoint each block's activations). Bad values raise
+  ValueError naming the value and the choices.
   """
-  name, patch = parse_variant(_get(config, "variant", "B/16"))
+  for key in ("variant", "image_size"):  # no defaults here: the config schema holds them
+    if _get(config, key) is None:
+      raise ValueError(f"model {key} is required (e.g. 'B/16' and 224; see training/config.py)")
+  name, patch = parse_variant(_get(config, "variant"))
   width, depth, heads, mlp = (_get(config, k, d) for k, d in zip(_OVERRIDES, SIZES[name]))
   patch = _get(config, "patch_size", patch)
   adapter = _get(config, "adapter", "token")
@@ -54,7 +58,7 @@ def create_model(config: Any) -> ViT:
   num_classes = _get(config, "num_classes")
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-  image_size = _get(config, "image_size", 224)
+  image_size = _get(config, "image_size")
   if not isinstance(image_size, int) or image_size < patch or image_size % patch:
     raise ValueError(f"image_size {image_size!r} must be a positive multiple of the patch size "
                      f"{patch}")

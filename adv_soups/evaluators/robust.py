@@ -1,0 +1,154 @@
+"""The robust evaluator (the default `config.evals` type): clean and robust accuracy of the run's
+models (domains or soups) under an attack suite, through the evaluation engine.
+
+  config.evals.val = dict(type="robust", every=500, attack="pgd", steps=None,
+                          domains="clean,adversarial", dataset=None, split=None,
+                          num_examples=None, batch_size=None, eps=None)
+
+attack: a suite of `attacks.suites` ('pgd', 'apgd-ce', 'autoattack', 'apgd-ce,apgd-t', or
+  'none' for clean accuracy only); steps: its budget (None: the table's default, PGD's from
+  config.eval.attack_steps).
+domains: the models to evaluate, a comma list of 'clean' (domain 0), 'adversarial' (domain 1) and
+  numbers (the soup at that alpha); a single-domain run evaluates its one model ('model').
+dataset / split / num_examples / batch_size / eps: None = config.data.name, config.eval's,
+  config.attack.eps. A num_examples larger than the split is clamped, with one note line.
+Metrics: '<model>/clean_accuracy' and '<model>/robust_accuracy' (the caller prefixes the entry's
+name). The engine and the data sets load TensorFlow: they are imported when an evaluation or a
+dataset check runs, so the schema that lists these fields stays light.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+from absl import logging
+from ml_collections.config_dict import placeholder
+
+from adv_soups import soups
+from adv_soups.attacks import registry
+
+_noted: set[tuple] = set()
+
+
+def fields() -> dict[str, Any]:
+  """The robust evaluator's fields and defaults (None fields are typed placeholders)."""
+  return dict(attack="pgd", domains="clean,adversarial", steps=placeholder(int),
+              dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
+              batch_size=placeholder(int), eps=placeholder(float))
+
+
+def parse_domains(text: str, num_domains: int) -> tuple[np.ndarray, list[str]]:
+  """'clean,adversarial,0.5' -> (columns int [A] or weights [A, D], labels). ValueError for a
+  bad token. A single-domain model has one column, domain 0, labelled 'model'."""
+  tokens = [t.strip() for t in str(text).split(",") if t.strip()]
+  if not tokens:
+    raise ValueError(f"domains={text!r} is empty: allowed a comma list of clean, adversarial "
+                     "and alphas in [0, 1]")
+  weights, labels = [], []
+  for t in tokens:
+    if t in ("clean", "adversarial"):
+      alpha = 0.0 if t == "clean" else 1.0
+    else:
+      try:
+        alpha = float(t)
+      except ValueError:
+        raise ValueError(f"domains={text!r}: unknown model {t!r}; allowed clean, adversarial or "
+                         "an alpha in [0, 1]") from None
+      if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"domains={text!r}: alpha {t} is outside [0, 1]")
+      t = f"alpha{alpha:g}"
+    if t not in labels:
+      weights.append(alpha)
+      labels.append(t)
+  if num_domains == 1:
+    return np.zeros([1], np.int32), ["model"]
+  if all(lab in ("clean", "adversarial") for lab in labels):
+    return np.asarray([0 if lab == "clean" else 1 for lab in labels], np.int32), labels
+  mix = np.asarray(soups.mix_weights(weights), np.float32)
+  return np.pad(mix, ((0, 0), (0, num_domains - 2))), labels
+
+
+def check(where: str, entry: Any, config: ml_collections.ConfigDict) -> None:
+  """ValueError (one line starting with `where`) for a bad field of a robust entry."""
+  from adv_soups.evaluation import requests as requests_lib  # TFDS
+  try:
+    names = registry.parse_suite(entry.get("attack", "none"))
+  except ValueError as e:
+    raise ValueError(f"{where}.attack: {e}") from None
+  for field in ("steps", "num_examples", "batch_size"):
+    value = entry.get(field, None)
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ValueError(f"{where}.{field} must be an integer >= 1 (or None), got {value!r}")
+  try:
+    parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
+  except ValueError as e:
+    raise ValueError(f"{where}.{e}") from None
+  dataset = entry.get("dataset", None) or config.data.name
+  try:
+    spec = requests_lib.check_dataset(dataset, config)  # classes and channels
+  except ValueError as e:
+    raise ValueError(f"{where}.dataset: {e}") from None
+  for n in names:
+    if spec.num_classes < registry.ATTACKS[n].min_classes:
+      raise ValueError(f"{where}.attack: {n} needs >= {registry.ATTACKS[n].min_classes} "
+                       f"classes, {dataset!r} has {spec.num_classes}")
+  eps = entry.get("eps", None)
+  if eps is not None and not (0 <= eps <= (1 if config.attack.norm == "linf" else np.inf)):
+    raise ValueError(f"{where}.eps={eps} is outside the allowed range for "
+                     f"{config.attack.norm}")
+
+
+def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
+             step: int, workdir: str = "") -> Iterator[tuple[str, float]]:
+  """Yields ('<model>/clean_accuracy', fraction) and, with an attack, ('<model>/robust_accuracy',
+  fraction) for each model of `entry.domains`, on host-local `params`."""
+  from adv_soups import data as data_lib
+  from adv_soups import loading
+  from adv_soups.evaluation import engine
+  from adv_soups.evaluation import requests as requests_lib
+  from adv_soups.evaluation import run as run_lib
+  loaded = loading.LoadedModel(config=config, model=model, params=params, step=step,
+                               workdir=workdir)
+  columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
+  request = requests_lib.make_request(
+      workdir, attack=entry.get("attack", "none"), eps=entry.get("eps", None),
+      steps=entry.get("steps", None), dataset=entry.get("dataset", None),
+      split=entry.get("split", None), num_examples=entry.get("num_examples", None),
+      batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
+  request.columns, request.labels = columns, labels
+  _note_clamp(where, request)
+  spec = data_lib.get_spec(request.dataset)
+  rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
+                            len(labels))
+  result = engine.gather(engine.evaluate_columns(
+      model, params, request.batches(request.dataset, request.split, request.num_examples),
+      columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
+      norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
+      index_offset=request.offset(request.dataset, request.split, request.num_examples)))
+  for a, label in enumerate(labels):
+    yield f"{label}/clean_accuracy", float(result.clean_correct[:, a].mean())
+    if request.attacks:
+      yield f"{label}/robust_accuracy", float(result.robust[:, a].mean())
+
+
+def describe(entry: Any, config: ml_collections.ConfigDict) -> str:
+  """'<domains> on <dataset>, <attacks and budgets>'."""
+  names = registry.parse_suite(entry.get("attack", "none"))
+  budgets = registry.resolve_steps(names, entry.get("steps", None), int(config.eval.attack_steps))
+  return (f"{entry.get('domains')} on {entry.get('dataset', None) or config.data.name}, "
+          f"{registry.describe(names, budgets)}")
+
+
+def _note_clamp(where: str, request) -> None:
+  """One note line (once per entry and split) when num_examples exceeds the split."""
+  if request.num_examples is None:
+    return
+  from adv_soups.evaluation import requests as requests_lib
+  size = requests_lib.split_size(request.dataset, request.split, request.data_dir)
+  key = (where, request.dataset, request.split, request.num_examples)
+  if size is not None and request.num_examples > size and key not in _noted:
+    _noted.add(key)
+    logging.warning("%s: num_examples=%d exceeds the %d examples of %s %r: "
+                    "evaluating all %d", where, request.num_examples, size, request.dataset,
+                    request.split, size)
