@@ -204,8 +204,8 @@ def test_attack_stages_lower_with_full_precision():
   from adv_soups import loading
   from adv_soups.evaluation import engine
   from adv_soups.models import create_model, init_params
-  cfg = dict(image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32,
-             num_classes=10, num_domains=2, channels=1, dtype="bfloat16")
+  cfg = dict(variant="tiny/4", image_size=8, patch_size=4, width=16, depth=1, num_heads=2,
+             mlp_dim=32, num_classes=10, num_domains=2, channels=1, dtype="bfloat16")
   config = ml_collections.ConfigDict(dict(model=cfg))
   model = create_model(cfg)
   params = init_params(model, KEY, 1)
