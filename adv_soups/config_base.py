@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Optional overrides of the variant's sizes (None = the variant's).
       patch_size=placeholder(int), width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), mlp_dim=placeholder(int),
-      # A public ViT .npz (vision_transformer / big_vision layout, any tf.io.gfile path) to start
+      # A public ViT .npz (vision_transformer / big_vision layout, any etils.epath path) to start
       # from; None = random initialisation. See adv_soups/models/npz.py.
       init_from=placeholder(str)))
 

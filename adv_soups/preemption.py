@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import parallel
 
@@ -65,11 +65,11 @@ class PreemptionWatch:
 def write_finished(workdir: str, step: int) -> str:
   """Writes `workdir/FINISHED` (JSON: step, time); returns its path. Call on process 0 only."""
   path = os.path.join(workdir, FINISHED_FILE)
-  with tf.io.gfile.GFile(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     json.dump({"step": int(step), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
   return path
 
 
 def is_finished(workdir: str) -> bool:
   """Whether `workdir` holds a run that trained to its last step."""
-  return tf.io.gfile.exists(os.path.join(workdir, FINISHED_FILE))
+  return epath.Path(os.path.join(workdir, FINISHED_FILE)).exists()

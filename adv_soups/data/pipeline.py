@@ -50,10 +50,14 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epath, epy
+
+with epy.lazy_imports():  # loaded by the TFDS path only: in-memory sets need no TensorFlow
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
 from adv_soups.data import digits as digits_lib
+from adv_soups.data import memory
 from adv_soups.data import randaugment as randaugment_lib
 from adv_soups.data import registry
 
@@ -237,6 +241,9 @@ def check_available(data_config: Any) -> None:
   ValueError for an unknown name, `DatasetNotFoundError` saying where TFDS looked and how to
   prepare it. The bundled digits are prepared here on first use."""
   config, spec = _resolve(data_config)
+  if memory.uses_memory(spec):
+    memory.check_available(spec, _randaugment_settings(config))
+    return
   if spec.train_split is None:
     raise ValueError(f"Dataset {spec.name!r} is evaluation-only (no train split)")
   data_dir = _field(config, "data_dir")
@@ -287,6 +294,11 @@ class TrainIterator:
   def restore(self, directory: str) -> None:
     """Restores the state written by `save(directory)` (same pipeline configuration and seed)."""
     prefix = self._prefix(directory)
+    if (epath.Path(prefix).parent / memory.POSITION_FILE).exists():
+      from adv_soups import checkpoints as ckpt_lib
+      raise ckpt_lib.RestoreMismatch(
+          f"{os.path.dirname(prefix)} holds an in-memory input position: this run read the data "
+          "without TensorFlow; resume it where tensorflow / tensorflow-datasets are not importable")
     if not tf.io.gfile.exists(prefix + ".index"):
       raise FileNotFoundError(f"No input-pipeline checkpoint at {prefix!r}")
     self._checkpoint.read(prefix).assert_consumed()
@@ -314,6 +326,10 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                      f"{count} processes")
   local_batch = global_batch_size // count
   size = image_size or _field(config, "image_size") or spec.image_size
+  if memory.uses_memory(spec):
+    memory.check_available(spec, _randaugment_settings(config))
+    return memory.MemoryTrainIterator(spec, local_batch_size=local_batch, seed=seed,
+                                      image_size=size, process_index=index, process_count=count)
   data_dir = _field(config, "data_dir")
   builder = get_builder(spec, data_dir)
   split = tfds.split_for_jax_process(
@@ -364,6 +380,9 @@ def eval_batches(data_config_or_name: Any, *, split: str | None = None, batch_si
   size = image_size or _field(config, "image_size") or spec.image_size
   data_dir = data_dir if data_dir is not None else _field(config, "data_dir")
   split = split or spec.eval_split
+  if memory.uses_memory(spec):
+    return memory.eval_batches(spec, split=split, batch_size=batch_size, num_examples=num_examples,
+                               image_size=size, process_index=index, process_count=count)
   if num_examples is not None:
     split = f"{split}[:{int(num_examples)}]"
   builder = get_builder(spec, data_dir)
@@ -389,3 +408,28 @@ def eval_batches(data_config_or_name: Any, *, split: str | None = None, batch_si
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(_options())
   return ds.as_numpy_iterator()
+
+
+def split_size(name: str, split: str, data_dir: str | None) -> int | None:
+  """Examples in `split` of dataset `name` (None when TFDS does not know the split's size)."""
+  spec = registry.get_spec(name)
+  if memory.uses_memory(spec):
+    return memory.split_size(spec, split)
+  try:
+    return int(get_builder(spec, data_dir).info.splits[split].num_examples)
+  except Exception:  # pylint: disable=broad-except (unknown sizes only cost the progress total)
+    return None
+
+
+def process_offset(name: str, split: str, data_dir: str | None) -> int:
+  """The global index of this process's first example of `eval_batches(name, split=split)`
+  (each process reads an even, contiguous slice)."""
+  index, count = _process()
+  if count == 1 or index == 0:
+    return 0
+  spec = registry.get_spec(name)
+  if memory.uses_memory(spec):
+    return memory.process_slice(memory.split_size(spec, split), index, count)[0]
+  builder = get_builder(spec, data_dir)
+  parts = tfds.even_splits(split, n=count, drop_remainder=False)
+  return int(sum(builder.info.splits[p].num_examples for p in parts[:index]))

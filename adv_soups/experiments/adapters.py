@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import cli
 from adv_soups import preemption
@@ -141,12 +141,12 @@ def per_domain_params(model_config: ml_collections.ConfigDict, adapter: str) -> 
 
 
 def _read_json(path: str) -> Any:
-  with tf.io.gfile.GFile(path) as f:
+  with epath.Path(path).open() as f:
     return json.load(f)
 
 
 def _write_text(path: str, text: str) -> None:
-  with tf.io.gfile.GFile(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     f.write(text)
 
 
@@ -179,7 +179,7 @@ def evaluate_run(run: Run, workdir: str, attack: str, steps: int | None,
       alphas=list(SOUP_ALPHAS) if run.has_soup else None,
       domain=None if run.has_soup else 0)
   path = os.path.join(workdir, kind, request.name(kind) + ".json")
-  reused = tf.io.gfile.exists(path)
+  reused = epath.Path(path).exists()
   if reused:
     report = _read_json(path)
   elif compute:
@@ -313,7 +313,7 @@ def plot(summary: list[dict], records: dict[str, dict], runs: list[Run], path: s
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  with tf.io.gfile.GFile(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
@@ -359,7 +359,7 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *,
   start = time.time()
   runs, selected, configs = check_experiment(base, workdir, adapters, seeds, attack, steps,
                                              num_examples, only)
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   records: dict[str, dict] = {}
   durations: list[float] = []  # runs that did work in this invocation (for the ETA)
   for k, run in enumerate(selected, 1):
@@ -392,7 +392,7 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *,
                workdir=os.path.join(workdir, run.name),
                status="done" if rec["figures"] else "pending")
     timing = os.path.join(workdir, run.name, TIMING_FILE)
-    rec["train_wall_s"] = (_read_json(timing)["train_wall_s"] if tf.io.gfile.exists(timing)
+    rec["train_wall_s"] = (_read_json(timing)["train_wall_s"] if epath.Path(timing).exists()
                            else None)
   first = next(iter(configs.values()))
   token = per_domain_params(first.model, "token")
