@@ -6,19 +6,17 @@ Both write absl log lines and, on process 0, TensorBoard event files in the work
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Any, Mapping
 
 from absl import logging
 
+from adv_soups.data.memory import importable
+
 
 def tensorflow_available() -> bool:
   """Whether `import tensorflow` can succeed here (checked without importing it)."""
-  try:
-    return importlib.util.find_spec("tensorflow") is not None
-  except (ImportError, ValueError):
-    return False
+  return importable("tensorflow")
 
 
 class EventWriter:
