@@ -189,9 +189,26 @@ def test_randaugment_is_refused_on_the_memory_path(monkeypatch):
   data_lib.check_available({"name": "digits"})
 
 
-def test_memory_digits_hold_the_tfds_examples(tmp_path):
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data_lib.prepare_digits(path)
+  return path
+
+
+def test_a_tf_data_iterator_refuses_an_in_memory_position(tfds_dir, tmp_path):
+  """The reverse of the test above: a run that read the digits from memory does not resume on
+  the TFDS pipeline (RestoreMismatch, so the checkpoint is not moved aside as damaged)."""
+  iterator().save(str(tmp_path))
+  tf_iterator = data_lib.train_iterator({"name": "digits", "data_dir": tfds_dir},
+                                        global_batch_size=8, seed=3)
+  with pytest.raises(checkpoints.RestoreMismatch, match="in-memory"):
+    tf_iterator.restore(str(tmp_path))
+
+
+def test_memory_digits_hold_the_tfds_examples(tfds_dir):
   """The in-memory test split is the TFDS builder's, example for example (sorted by index)."""
-  builder = data_lib.prepare_digits(str(tmp_path))
+  builder = data_lib.prepare_digits(tfds_dir)
   examples = sorted(builder.as_dataset(split="test").as_numpy_iterator(), key=lambda e: e["index"])
   images, labels = digits_lib.split_arrays("test")
   np.testing.assert_array_equal(np.stack([e["image"] for e in examples]), images)
