@@ -410,7 +410,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpointing: orbax for the arrays, the tf.data iterator state beside it.
+# Checkpointing: orbax for the arrays, the input position (tf.data iterator or in-memory) beside it.
 
 def data_state_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "data_state", str(step))

@@ -169,6 +169,7 @@ class MemoryTrainIterator:
     self.spec, self.local_batch_size, self.seed = spec, int(local_batch_size), int(seed)
     self.image_size, self.process_index = int(image_size), int(process_index)
     self._consumed = 0
+    self._orders: dict[int, np.ndarray] = {}
 
   @property
   def batches_consumed(self) -> int:
@@ -178,10 +179,13 @@ class MemoryTrainIterator:
   def __iter__(self) -> "MemoryTrainIterator":
     return self
 
-  @functools.lru_cache(maxsize=2)
   def _order(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng(_seed_words(self.seed, self.process_index, epoch))
-    return rng.permutation(len(self._labels))
+    """The permutation of this process's examples in `epoch` (the last two are kept)."""
+    if epoch not in self._orders:
+      rng = np.random.default_rng(_seed_words(self.seed, self.process_index, epoch))
+      self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+      self._orders[epoch] = rng.permutation(len(self._labels))
+    return self._orders[epoch]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """Batch number `step` (0-based) of this process's stream: a function of (seed, process,

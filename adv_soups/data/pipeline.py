@@ -2,7 +2,9 @@
 
 Every batch is process-local: {'image': float32 [b, H, W, C] in [0, 1], 'label': int32 [b]} (plus
 'mask': bool [b] for evaluation); `adv_soups.parallel.shard_batch` turns it into a global array.
-Each process reads its own part of a split (`tfds.split_for_jax_process`).
+Each process reads its own part of a split (`tfds.split_for_jax_process`). Datasets read from
+memory (`adv_soups.data.memory`: registered numpy arrays, and the digits where TensorFlow or TFDS
+is not installed) go through the same functions without TensorFlow, which loads on first use.
 
 Data config fields (`config.data`, an ml_collections ConfigDict; a dict works too):
   name            dataset name, see `adv_soups.data.registry` ('digits', 'cifar10', 'imagenet2012').
@@ -411,11 +413,12 @@ def eval_batches(data_config_or_name: Any, *, split: str | None = None, batch_si
 
 
 def split_size(name: str, split: str, data_dir: str | None) -> int | None:
-  """Examples in `split` of dataset `name` (None when TFDS does not know the split's size)."""
+  """Examples in `split` of dataset `name`; None when unknown (a TFDS split without sizes) or
+  unreadable (a bad split: the evaluation's probe reports it)."""
   spec = registry.get_spec(name)
-  if memory.uses_memory(spec):
-    return memory.split_size(spec, split)
   try:
+    if memory.uses_memory(spec):
+      return memory.split_size(spec, split)
     return int(get_builder(spec, data_dir).info.splits[split].num_examples)
   except Exception:  # pylint: disable=broad-except (unknown sizes only cost the progress total)
     return None
