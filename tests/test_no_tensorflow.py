@@ -47,12 +47,23 @@ model = adv_soups.load(full_dir)
 logits = model.predict(np.zeros((2, 8, 8, 1), np.float32), alpha=0.5)
 report = sweep.run_sweep(full_dir, "0,1", attack="pgd", steps=2, num_examples=32, progress=False,
                          checks=False)
+# Numpy arrays registered under a name train like any dataset (same pipeline, same step).
+from adv_soups import data as data_lib
+from adv_soups.data import digits as digits_lib
+x, y = digits_lib.split_arrays("train")
+data_lib.register_arrays("my_arrays", {"train": (x[:300], y[:300]), "test": (x[300:400],
+                                                                          y[300:400])},
+                         num_classes=10, preprocess="digits")
+config.data.name = "my_arrays"
+config.train.update(steps=2, checkpoint_every=0)
+arrays_run = train.train_and_evaluate(config, os.path.join(root, "arrays"))
 loaded = sorted(m for m, v in sys.modules.items() if v is not None and
                 m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
 print("RESULT " + json.dumps({
     "resumed_step": int(resumed.state.step), "bitwise_equal": same,
     "logits_shape": list(np.shape(logits)), "eval_metrics": full.eval_metrics,
-    "sweep_rows": len(report["results"]), "sweep_files": sorted(report["files"]),
+    "sweep_rows": len(report["results"]), "arrays_step": int(arrays_run.state.step),
+    "arrays_eval": arrays_run.eval_metrics, "sweep_files": sorted(report["files"]),
     "tensorflow_modules": loaded}))
 '''
 
@@ -60,8 +71,9 @@ print("RESULT " + json.dumps({
 @pytest.mark.slow
 def test_train_resume_load_and_sweep_without_tensorflow(tmp_path):
   """Digits training (6 steps, checkpoints at 3 and 6), a resume after a simulated crash at step
-  3 (bit-identical parameters, optimizer and EMA state), `load()` and a PGD sweep, all in a
-  process where tensorflow / tensorflow_datasets are unimportable; none of them gets imported.
+  3 (bit-identical parameters, optimizer and EMA state), `load()`, a PGD sweep and 2 steps on
+  registered numpy arrays, all in a process where tensorflow / tensorflow_datasets are
+  unimportable; none of them gets imported.
   (Mutation: a top-level `import tensorflow` back in workdir.py fails it.)"""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
@@ -75,6 +87,7 @@ def test_train_resume_load_and_sweep_without_tensorflow(tmp_path):
   assert result["logits_shape"] == [2, 10]
   assert set(result["eval_metrics"]) and all(0 <= v <= 1 for v in result["eval_metrics"].values())
   assert result["sweep_rows"] == 2 and "json" in result["sweep_files"]
+  assert result["arrays_step"] == 2 and set(result["arrays_eval"]) == set(result["eval_metrics"])
   # The in-memory position sits where the tf.data iterator state would, one per checkpoint.
   for step in (3, 6):
     position = json.loads((tmp_path / "full" / "data_state" / str(step) / "process_0" /
