@@ -104,8 +104,9 @@ def digits_spec():
 
 
 def iterator(process_index=0, process_count=1, seed=3, batch=50, spec=None):
-  return memory.MemoryTrainIterator(spec or digits_spec(), local_batch_size=batch, seed=seed,
-                                    image_size=8, process_index=process_index,
+  spec = spec or digits_spec()
+  return memory.MemoryTrainIterator(spec, local_batch_size=batch, seed=seed,
+                                    image_size=spec.image_size, process_index=process_index,
                                     process_count=process_count)
 
 
@@ -271,3 +272,37 @@ def test_the_tensorflow_free_writer_writes_readable_events(tmp_path):
   scalars = {(v.tag, e.step): v.simple_value for e in event_file_loader.LegacyEventFileLoader(
       str(files[0])).Load() for v in e.summary.value if v.HasField("simple_value")}
   assert scalars == {("loss", 3): 1.5, ("accuracy", 3): 0.25}
+
+
+def test_cifar_augmentation_is_a_4px_crop_and_sometimes_a_mirror():
+  """preprocess='cifar' on registered arrays: each training image is a 4-px-padded crop of its
+  source, mirrored left-right for about half of them. (Mutation: flip along the height axis.)"""
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 256, (64, 6, 6, 3), dtype=np.uint8)
+  spec = data_lib.register_arrays("toy_cifar", {"train": (x, np.arange(64) % 10),
+                                                "test": (x[:4], np.zeros(4))},
+                                  num_classes=10, preprocess="cifar")
+  it = iterator(spec=spec, batch=64)
+  batch, order = it.batch(0), it._order(0)
+  mirrored = 0
+  for k in range(64):
+    src = np.pad(x[order[k]].astype(np.float32) / 255.0, ((4, 4), (4, 4), (0, 0)))
+    windows = [src[t:t + 6, l:l + 6] for t in range(9) for l in range(9)]
+    plain = any(np.array_equal(w, batch["image"][k]) for w in windows)
+    mirror = any(np.array_equal(w[:, ::-1], batch["image"][k]) for w in windows)
+    assert plain or mirror
+    mirrored += mirror and not plain
+  assert 16 <= mirrored <= 48
+
+
+def test_other_image_sizes_are_resized():
+  """image_size 16 on the 8x8 digits: [b, 16, 16, 1] batches in [0, 1]; a constant image stays
+  constant (linear, antialiased resize)."""
+  batch = next(memory.eval_batches(digits_spec(), split="test[:5]", batch_size=5,
+                                   num_examples=None, image_size=16, process_index=0,
+                                   process_count=1))
+  assert batch["image"].shape == (5, 16, 16, 1)
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  np.testing.assert_allclose(memory._resize(np.full((2, 8, 8, 1), 0.5, np.float32), 16), 0.5,
+                             atol=1e-6)
+  assert iterator().batch(0)["image"].shape == (50, 8, 8, 1)
