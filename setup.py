@@ -18,8 +18,9 @@ setuptools.setup(
         "orbax-checkpoint>=0.11,<0.13",
         "clu>=0.0.12,<0.1",
         "tensorboard>=2.18,<3",  # clu.metric_writers needs it; TF >= 2.21 no longer pulls it in
-        "tensorflow-cpu>=2.18,<3",  # tf.data for the input pipelines
+        "tensorflow-cpu>=2.18,<3",  # tf.data for the TFDS pipelines (in-memory sets run without)
         "tensorflow-datasets>=4.9.7,<5",
+        "etils[epath,epy]>=1.7,<2",  # file paths (local, gs://) and lazy imports, without TF
         "importlib_resources>=6",  # TFDS download_and_prepare of our own builder needs it
         "absl-py>=2,<3",
         "numpy>=1.26,<3",

@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Any
 
-import tensorflow as tf
+from etils import epath
 from absl import flags
 
 from adv_soups import cli
@@ -30,7 +30,7 @@ from adv_soups.models import npz as npz_lib
 _FLAGS = (
     ("string", "workdir", None, "Training workdir (config.json + checkpoints)."),
     ("string", "alpha", None, "Soup coefficient in [0, 1]: 0 = clean mode, 1 = robust mode."),
-    ("string", "out", None, "Output .npz path (any tf.io.gfile path); the sidecar is OUT.json."),
+    ("string", "out", None, "Output .npz path (any etils.epath path); the sidecar is OUT.json."),
     ("integer", "step", None, "Checkpoint step (default: the latest)."),
 )
 
@@ -75,14 +75,14 @@ def export_soup(workdir: str, alpha: float, out: str, step: int | None = None) -
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"--alpha={alpha} is outside [0, 1] (0 = clean mode, 1 = robust mode)")
   parent = os.path.dirname(out)
-  if parent and not tf.io.gfile.isdir(parent):
+  if parent and not epath.Path(parent).is_dir():
     raise ValueError(f"--out={out!r}: directory {parent!r} does not exist")
   loaded = loading.load(workdir, step)
   _, params = loaded.soup(alpha)
   arrays = npz_lib.export_arrays(params)
   meta = sidecar(loaded, alpha)
   npz_lib.write_npz(out, arrays)
-  with tf.io.gfile.GFile(npz_lib.sidecar_path(out), "w") as f:
+  with epath.Path(npz_lib.sidecar_path(out)).open("w") as f:
     json.dump(meta, f, indent=2)
   return meta
 

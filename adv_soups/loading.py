@@ -1,6 +1,6 @@
 """`adv_soups.load(workdir)`: a trained model for notebooks and scripts (predict, soup, attack).
 
-  model = adv_soups.load("workdirs/digits_demo")          # any path tf.io.gfile / epath can read
+  model = adv_soups.load("workdirs/digits_demo")          # any path etils.epath can read
   logits = model.predict(images, alpha=0.5)               # images float32 [B, H, W, C] in [0, 1]
   x_adv = model.attack(images, labels, alpha=0.5)         # PGD against the soup at alpha 0.5
   soup_model, soup_params = model.soup(0.5)               # a standalone single-domain model
@@ -189,7 +189,7 @@ def compute_dtype(config: ml_collections.ConfigDict) -> str:
 def load(workdir: str, step: int | None = None) -> LoadedModel:
   """The model of a training workdir at checkpoint `step` (default the latest).
 
-  Reads config.json (tf.io.gfile) and the orbax checkpoint (epath), so local paths and remote
+  Reads config.json and the orbax checkpoint through etils.epath, so local paths and remote
   ones (gs://...) both work; CPU, GPU or TPU. Without `step`, a latest checkpoint that cannot be
   read is moved to WORKDIR/damaged_checkpoints/ (one warning line) and the previous one is loaded.
   Raises FileNotFoundError (no config.json / no

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import NoReturn
 
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import parallel
 
@@ -67,14 +67,14 @@ class PreemptionWatch:
 def write_finished(workdir: str, step: int) -> str:
   """Writes `workdir/FINISHED` (JSON: step, time); returns its path. Call on process 0 only."""
   path = os.path.join(workdir, FINISHED_FILE)
-  with tf.io.gfile.GFile(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     json.dump({"step": int(step), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
   return path
 
 
 def is_finished(workdir: str) -> bool:
   """Whether `workdir` holds a run that trained to its last step."""
-  return tf.io.gfile.exists(os.path.join(workdir, FINISHED_FILE))
+  return epath.Path(os.path.join(workdir, FINISHED_FILE)).exists()
 
 
 def exit_preempted(workdir: str, step: int, total_steps: int, process_index: int = 0) -> NoReturn:

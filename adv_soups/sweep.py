@@ -48,7 +48,7 @@ def run_sweep(workdir: str, alphas: str | Sequence[float] | None = None,
   """Clean / robust / shifted accuracy of the soups of `workdir` along `alphas` (one pass).
 
   Args:
-    workdir: a training workdir (config.json + checkpoints), any tf.io.gfile path.
+    workdir: a training workdir (config.json + checkpoints), any etils.epath path.
     alphas: '0:1:11' (NUM evenly spaced, ends included), '0,0.5,1' or a list of floats; in [0, 1]
       unless `extrapolate=True`. Default 0:1:11.
     attack: a suite of `attacks.suites` ('pgd', 'apgd-ce', 'autoattack', 'apgd-ce,apgd-t',

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 import ml_collections
-import tensorflow as tf
+from etils import epath
 
 CONFIG_FILE = "config.json"
 PREVIOUS_RUNS = "previous_runs"
@@ -32,21 +32,21 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Writes `workdir/config.json` (atomically: a temp file, then a rename); returns its path."""
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
+  tmp = epath.Path(path + ".tmp")
+  with tmp.open("w") as f:
     json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  tmp.replace(path)
   return path
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `workdir/config.json` (local path or any tf.io.gfile URL)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not tf.io.gfile.exists(path):
+  """The resolved config a run saved in `workdir/config.json` (local path or any etils.epath URL)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training workdir?")
-  with tf.io.gfile.GFile(path) as f:
+  with path.open() as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
@@ -84,14 +84,14 @@ def resume_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
 def move_aside(workdir: str) -> str | None:
   """Moves everything in `workdir` (but earlier moved-aside runs) into
   `workdir/previous_runs/<timestamp>/`; returns that folder, or None if there was nothing."""
-  if not tf.io.gfile.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     return None
-  entries = [e.rstrip("/") for e in tf.io.gfile.listdir(workdir) if e.rstrip("/") != PREVIOUS_RUNS]
+  entries = [e.name for e in epath.Path(workdir).iterdir() if e.name != PREVIOUS_RUNS]
   if not entries:
     return None
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
   target = os.path.join(workdir, PREVIOUS_RUNS, stamp)
-  tf.io.gfile.makedirs(target)
+  epath.Path(target).mkdir(parents=True, exist_ok=True)
   for entry in entries:
-    tf.io.gfile.rename(os.path.join(workdir, entry), os.path.join(target, entry))
+    epath.Path(workdir, entry).rename(os.path.join(target, entry))
   return target

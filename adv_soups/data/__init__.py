@@ -1,5 +1,8 @@
-"""Input data: the dataset registry, the bundled `digits` TFDS builder and the tf.data pipelines."""
-from adv_soups.data.digits import Digits, prepare_digits
+"""Input data: the dataset registry, the bundled `digits` (TFDS builder and arrays), the tf.data
+pipelines and the in-memory ones (no TensorFlow; `adv_soups.data.memory`). TensorFlow is imported
+only when a TFDS pipeline runs."""
+from adv_soups.data.digits import prepare_digits
+from adv_soups.data.memory import register_arrays
 from adv_soups.data.pipeline import (
     DatasetNotFoundError,
     TrainIterator,
@@ -7,6 +10,8 @@ from adv_soups.data.pipeline import (
     eval_batches,
     get_builder,
     num_eval_batches,
+    process_offset,
+    split_size,
     train_iterator,
 )
 from adv_soups.data.registry import (
@@ -27,5 +32,13 @@ __all__ = [
     "DatasetNotFoundError", "DatasetSpec", "Digits", "TrainIterator", "check_available",
     "corrupted_datasets",
     "dataset_info", "dataset_names", "eval_batches", "get_builder", "get_spec",
-    "num_eval_batches", "prepare_digits", "subset_predictions", "train_iterator",
+    "num_eval_batches", "prepare_digits", "process_offset", "register_arrays", "split_size",
+    "subset_predictions", "train_iterator",
 ]
+
+
+def __getattr__(name: str):
+  if name == "Digits":  # the TFDS builder class: importing it imports tensorflow_datasets
+    from adv_soups.data import digits
+    return digits.Digits
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The `digits` TFDS builder: scikit-learn's bundled handwritten digits (no download needed).
+"""The `digits` data set: scikit-learn's bundled handwritten digits (no download needed), as a
+TFDS builder (`Digits`, defined on first use) and as arrays (`split_arrays`, no TensorFlow).
 
 1,797 greyscale 8x8 images (UCI optical digits, values 0..16) in 10 classes, stored as uint8
 (8, 8, 1) images scaled by round(v * 255 / 16) (0 -> 0, 8 -> 128, 16 -> 255).
@@ -13,11 +14,11 @@ and `train` 1,437. Every example also carries `index`, its position in `load_dig
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -52,39 +53,62 @@ def split_indices(labels: np.ndarray, num_test: int = NUM_TEST) -> tuple[np.ndar
   return train, test
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 handwritten digits; fixed stratified train (1,437) / test (360) split."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "index": tfds.features.Scalar(dtype=np.int64),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    images, labels = scaled_images()
-    train, test = split_indices(labels)
-    return {
-        "train": self._generate_examples(images, labels, train),
-        "test": self._generate_examples(images, labels, test),
-    }
-
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}
+def split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [n, 8, 8, 1] in 0..255, labels int64 [n]) of 'train' or 'test', in index
+  order (the TFDS builder holds the same examples; its files order them differently)."""
+  if split not in ("train", "test"):
+    raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
+  images, labels = scaled_images()
+  chosen = split_indices(labels)[0 if split == "train" else 1]
+  return images[chosen], labels[chosen]
 
 
-def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def __getattr__(name: str):
+  if name == "Digits":  # the TFDS builder class, defined on first use (it needs TFDS)
+    return builder_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def builder_class():
+  """The `Digits` TFDS builder class (imports tensorflow_datasets; defined once per process)."""
+  import tensorflow_datasets as tfds
+
+  class Digits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's 8x8 handwritten digits; fixed stratified train (1,437) / test (360) split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          description=__doc__,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(8, 8, 1)),
+              "label": tfds.features.ClassLabel(num_classes=10),
+              "index": tfds.features.Scalar(dtype=np.int64),
+          }),
+          supervised_keys=("image", "label"),
+          homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing to download
+      images, labels = scaled_images()
+      train, test = split_indices(labels)
+      return {
+          "train": self._generate_examples(images, labels, train),
+          "test": self._generate_examples(images, labels, test),
+      }
+
+    def _generate_examples(self, images, labels, indices):
+      for i in indices:
+        yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}
+
+  return Digits
+
+
+def prepare_digits(data_dir: str | None = None):
   """The digits builder in `data_dir` (None = $TFDS_DATA_DIR or ~/tensorflow_datasets), prepared
   if needed, once per data_dir.
 
@@ -95,6 +119,7 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   reading; later calls in the same process return at once (process-local).
   """
   import jax
+  Digits = builder_class()
   where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
   if os.fspath(where) in _PREPARED:  # later calls are process-local: no barrier, no global call
     return Digits(data_dir=data_dir)

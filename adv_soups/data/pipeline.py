@@ -2,7 +2,9 @@
 
 Every batch is process-local: {'image': float32 [b, H, W, C] in [0, 1], 'label': int32 [b]} (plus
 'mask': bool [b] for evaluation); `adv_soups.parallel.shard_batch` turns it into a global array.
-Each process reads its own part of a split (`tfds.split_for_jax_process`).
+Each process reads its own part of a split (`tfds.split_for_jax_process`). Datasets read from
+memory (`adv_soups.data.memory`: registered numpy arrays, and the digits where TensorFlow or TFDS
+is not installed) go through the same functions without TensorFlow, which loads on first use.
 
 Data config fields (`config.data`, an ml_collections ConfigDict; a dict works too):
   name            dataset name, see `adv_soups.data.registry` ('digits', 'cifar10', 'imagenet2012').
@@ -52,10 +54,14 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epath, epy
+
+with epy.lazy_imports():  # loaded by the TFDS path only: in-memory sets need no TensorFlow
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
 from adv_soups.data import digits as digits_lib
+from adv_soups.data import memory
 from adv_soups.data import randaugment as randaugment_lib
 from adv_soups.data import registry
 from adv_soups.training.config import base_config
@@ -243,6 +249,9 @@ def check_available(data_config: Any) -> None:
   ValueError for an unknown name, `DatasetNotFoundError` saying where TFDS looked and how to
   prepare it. The bundled digits are prepared here on first use."""
   config, spec = _resolve(data_config)
+  if memory.uses_memory(spec):
+    memory.check_available(spec, _randaugment_settings(config))
+    return
   if spec.train_split is None:
     raise ValueError(f"Dataset {spec.name!r} is evaluation-only (no train split)")
   data_dir = _field(config, "data_dir")
@@ -293,6 +302,11 @@ class TrainIterator:
   def restore(self, directory: str) -> None:
     """Restores the state written by `save(directory)` (same pipeline configuration and seed)."""
     prefix = self._prefix(directory)
+    if (epath.Path(prefix).parent / memory.POSITION_FILE).exists():
+      from adv_soups import checkpoints as ckpt_lib
+      raise ckpt_lib.RestoreMismatch(
+          f"{os.path.dirname(prefix)} holds an in-memory input position: this run read the data "
+          "without TensorFlow; resume it where tensorflow / tensorflow-datasets are not importable")
     if not tf.io.gfile.exists(prefix + ".index"):
       raise FileNotFoundError(f"No input-pipeline checkpoint at {prefix!r}")
     self._checkpoint.read(prefix).assert_consumed()
@@ -320,6 +334,10 @@ def train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                      f"{count} processes")
   local_batch = global_batch_size // count
   size = image_size or _field(config, "image_size") or spec.image_size
+  if memory.uses_memory(spec):
+    memory.check_available(spec, _randaugment_settings(config))
+    return memory.MemoryTrainIterator(spec, local_batch_size=local_batch, seed=seed,
+                                      image_size=size, process_index=index, process_count=count)
   data_dir = _field(config, "data_dir")
   builder = get_builder(spec, data_dir)
   split = tfds.split_for_jax_process(
@@ -370,6 +388,9 @@ def eval_batches(data_config_or_name: Any, *, split: str | None = None, batch_si
   size = image_size or _field(config, "image_size") or spec.image_size
   data_dir = data_dir if data_dir is not None else _field(config, "data_dir")
   split = split or spec.eval_split
+  if memory.uses_memory(spec):
+    return memory.eval_batches(spec, split=split, batch_size=batch_size, num_examples=num_examples,
+                               image_size=size, process_index=index, process_count=count)
   if num_examples is not None:
     split = f"{split}[:{int(num_examples)}]"
   builder = get_builder(spec, data_dir)
@@ -395,3 +416,29 @@ def eval_batches(data_config_or_name: Any, *, split: str | None = None, batch_si
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(_options())
   return ds.as_numpy_iterator()
+
+
+def split_size(name: str, split: str, data_dir: str | None) -> int | None:
+  """Examples in `split` of dataset `name`; None when unknown (a TFDS split without sizes) or
+  unreadable (a bad split: the evaluation's probe reports it)."""
+  spec = registry.get_spec(name)
+  try:
+    if memory.uses_memory(spec):
+      return memory.split_size(spec, split)
+    return int(get_builder(spec, data_dir).info.splits[split].num_examples)
+  except Exception:  # pylint: disable=broad-except (unknown sizes only cost the progress total)
+    return None
+
+
+def process_offset(name: str, split: str, data_dir: str | None) -> int:
+  """The global index of this process's first example of `eval_batches(name, split=split)`
+  (each process reads an even, contiguous slice)."""
+  index, count = _process()
+  if count == 1 or index == 0:
+    return 0
+  spec = registry.get_spec(name)
+  if memory.uses_memory(spec):
+    return memory.process_slice(memory.split_size(spec, split), index, count)[0]
+  builder = get_builder(spec, data_dir)
+  parts = tfds.even_splits(split, n=count, drop_remainder=False)
+  return int(sum(builder.info.splits[p].num_examples for p in parts[:index]))

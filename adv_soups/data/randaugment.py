@@ -37,7 +37,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at the first op, not on import (config checks)
+  import tensorflow as tf
 
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
        "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",

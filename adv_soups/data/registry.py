@@ -7,6 +7,7 @@ evaluation / sweep CLIs):
   imagenet_v2, imagenet_r, imagenet_a, imagenet_sketch   (eval only, ImageNet label space)
   imagenet2012_corrupted/<corruption>_<severity>    (eval only; TFDS config names, e.g. gaussian_noise_1)
   cifar10_corrupted/<corruption>_<severity>         (eval only; e.g. frosted_glass_blur_3)
+  any name given to `adv_soups.data.memory.register_arrays` (numpy arrays, this process only)
 
 Label spaces. TFDS labels ImageNet-R and ImageNet-A with the *1000-way ImageNet index* (their
 `label` is a `ClassLabel` built from ImageNet's synset list: an integer in [0, 1000)), not with a
@@ -90,6 +91,8 @@ class DatasetSpec:
     label_space: what the TFDS labels index: 'full' means 0..num_classes-1 (for imagenet_r /
       imagenet_a that is the 1000-way ImageNet index, not a 200-way one).
     prepare_hint: how to prepare it, with `{data_dir}` to fill in.
+    source: 'tfds' (read with tf.data; digits falls back to 'memory' where TensorFlow is not
+      installed) or 'memory' (numpy arrays registered in this process, no TensorFlow).
   """
   name: str
   tfds_name: str
@@ -102,6 +105,7 @@ class DatasetSpec:
   class_subset: tuple[int, ...] | None = None
   label_space: str = "full"
   prepare_hint: str = ""
+  source: str = "tfds"
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -140,9 +144,23 @@ _CORRUPTED = {
 }
 
 
+_REGISTERED: dict[str, DatasetSpec] = {}  # in-memory sets added by `register` (this process)
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+  """Adds an in-memory dataset's spec (see `adv_soups.data.memory.register_arrays`) under
+  `spec.name` for this process; a fixed or corrupted-family name is refused (ValueError)."""
+  if spec.name in _STATIC or spec.name.partition("/")[0] in _CORRUPTED:
+    raise ValueError(f"dataset name {spec.name!r} is taken by a built-in dataset")
+  _REGISTERED[spec.name] = spec
+  return spec
+
+
 def dataset_names() -> list[str]:
-  """The accepted names: the fixed ones, then the corrupted families as `family/<corruption>_<s>`."""
-  return list(_STATIC) + [f"{family}/<corruption>_<1..5>" for family in _CORRUPTED]
+  """The accepted names: the fixed ones, then the corrupted families as `family/<corruption>_<s>`,
+  then in-memory sets registered in this process."""
+  return (list(_STATIC) + [f"{family}/<corruption>_<1..5>" for family in _CORRUPTED]
+          + list(_REGISTERED))
 
 
 def corrupted_datasets(base: str = "imagenet2012") -> list[str]:
@@ -169,6 +187,8 @@ def get_spec(name: str) -> DatasetSpec:
     raise _unknown(str(name))
   if name in _STATIC:
     return _STATIC[name]
+  if name in _REGISTERED:
+    return _REGISTERED[name]
   family, _, config = name.partition("/")
   if family in _CORRUPTED:
     corruption, _, severity = config.rpartition("_")

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import data as data_lib
 from adv_soups import parallel
@@ -113,7 +113,7 @@ class ColumnResult:
 
 
 class ChunkStore:
-  """Per-chunk results of a long evaluation in `directory` (any tf.io.gfile path): chunk k is
+  """Per-chunk results of a long evaluation in `directory` (any etils.epath path): chunk k is
   `chunk_<k>.npz` with the data batches it covered and its per-example arrays. Written through
   a temporary name and renamed, so a crash never leaves a half-written chunk."""
 
@@ -122,29 +122,29 @@ class ChunkStore:
 
   def load(self) -> list[dict]:
     """The saved chunks in order (stops at the first gap)."""
-    if not tf.io.gfile.isdir(self.directory):
+    if not epath.Path(self.directory).is_dir():
       return []
     chunks = []
     for k in itertools.count():
       path = os.path.join(self.directory, f"chunk_{k:05d}.npz")
-      if not tf.io.gfile.exists(path):
+      if not epath.Path(path).exists():
         return chunks
-      with tf.io.gfile.GFile(path, "rb") as f:
+      with epath.Path(path).open("rb") as f:
         data = np.load(io.BytesIO(f.read()), allow_pickle=False)
         chunks.append({key: data[key] for key in data.files})
 
   def save(self, k: int, **arrays: np.ndarray) -> None:
-    tf.io.gfile.makedirs(self.directory)
+    epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     path = os.path.join(self.directory, f"chunk_{k:05d}.npz")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+    with epath.Path(path + ".tmp").open("wb") as f:
       f.write(buf.getvalue())
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    epath.Path(path + ".tmp").replace(path)
 
   def clear(self) -> None:
-    if tf.io.gfile.isdir(self.directory):
-      tf.io.gfile.rmtree(self.directory)
+    if epath.Path(self.directory).is_dir():
+      epath.Path(self.directory).rmtree()
 
 
 def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.ndarray, *,

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups.attacks import registry
 
@@ -214,8 +214,8 @@ def to_png(report: dict) -> bytes:
 def write(report: dict, main, out_dir: str, name: str, sweep: bool) -> dict[str, str]:
   """Writes `<name>.json` (for a one-column eval the flattened `one_model` report), the
   per-example results `<name>.npz` ([N, A] clean_correct and broken_by), and for a sweep
-  `<name>.csv` and `<name>.png`, into `out_dir` (any tf.io.gfile path). Returns the paths."""
-  tf.io.gfile.makedirs(out_dir)
+  `<name>.csv` and `<name>.png`, into `out_dir` (any etils.epath path). Returns the paths."""
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   paths = {ext: os.path.join(out_dir, f"{name}.{ext}")
            for ext in (("json", "npz", "csv", "png") if sweep else ("json", "npz"))}
   report["files"] = paths
@@ -228,7 +228,7 @@ def write(report: dict, main, out_dir: str, name: str, sweep: bool) -> dict[str,
     contents.update(csv=to_csv(report), png=to_png(report))
   for ext, path in paths.items():
     binary = ext in ("png", "npz")
-    with tf.io.gfile.GFile(path + ".tmp", "wb" if binary else "w") as f:
+    with epath.Path(path + ".tmp").open("wb" if binary else "w") as f:
       f.write(contents[ext])
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    epath.Path(path + ".tmp").replace(path)
   return paths

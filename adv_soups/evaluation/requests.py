@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from adv_soups import numbers
 from adv_soups import data as data_lib
@@ -71,12 +70,8 @@ def check_dataset(name: str, config: ml_collections.ConfigDict) -> data_lib.Data
 
 
 def split_size(name: str, split: str, data_dir: str | None) -> int | None:
-  """Examples in `split` of dataset `name` when TFDS knows it (else None)."""
-  try:
-    builder = data_lib.get_builder(data_lib.get_spec(name), data_dir)
-    return int(builder.info.splits[split].num_examples)
-  except Exception:  # pylint: disable=broad-except (unknown sizes only cost the progress total)
-    return None
+  """Examples in `split` of dataset `name` when known (else None)."""
+  return data_lib.split_size(name, split, data_dir)
 
 
 def probe(data_dir: str | None, name: str, split: str, image_size: int) -> None:
@@ -210,9 +205,7 @@ class Request:
     size = split_size(name, split, self.data_dir)
     if num_examples is not None and (size is None or num_examples < size):
       split = f"{split}[:{int(num_examples)}]"
-    builder = data_lib.get_builder(spec, self.data_dir)
-    parts = tfds.even_splits(split, n=count, drop_remainder=False)
-    return int(sum(builder.info.splits[p].num_examples for p in parts[:index]))
+    return data_lib.process_offset(name, split, self.data_dir)
 
   def num_batches(self, name: str, split: str | None = None, num_examples: int | None = None,
                   columns: int | None = None) -> int | None:

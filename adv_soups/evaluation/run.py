@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
+from etils import epath
 from absl import logging
 
 from adv_soups import data as data_lib
@@ -105,8 +105,8 @@ def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = N
     if jax.process_count() > 1:  # every process has cleared its chunks: drop their parent
       from adv_soups import parallel
       parallel.barrier(f"adv_soups.evaluation {name} done")
-      if jax.process_index() == 0 and tf.io.gfile.isdir(partial_root):
-        tf.io.gfile.rmtree(partial_root)
+      if jax.process_index() == 0 and epath.Path(partial_root).is_dir():
+        epath.Path(partial_root).rmtree()
   return report
 
 

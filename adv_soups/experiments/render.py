@@ -6,7 +6,7 @@ import json
 import os
 import textwrap
 
-import tensorflow as tf
+from etils import epath
 
 
 MODE_TEXT = {"clean": "clean-only", "adversarial": "adversarial-only", "cotrain": "co-training"}
@@ -75,7 +75,7 @@ def plot(summary: list[dict], runs: list[dict], path: str, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  with tf.io.gfile.GFile(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
@@ -84,10 +84,10 @@ def write_outputs(workdir: str, results: dict) -> list[str]:
   """Writes results.json, results.md and adapters.png of `results` into `workdir`; their paths."""
   settings = results["settings"]
   paths = [os.path.join(workdir, n) for n in ("results.json", "results.md", "adapters.png")]
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   for path, text in ((paths[0], json.dumps(results, indent=1) + "\n"),
                      (paths[1], format_markdown(results["summary"], settings))):
-    with tf.io.gfile.GFile(path, "w") as f:
+    with epath.Path(path).open("w") as f:
       f.write(text)
   plot(results["summary"], results["runs"], paths[2],
        f"{settings['dataset']}: {settings['attack']}, eps {settings['eps']:g}, "

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import evaluation, preemption, soups, training
 from adv_soups.experiments.plan import SOUP_ALPHAS, Run
@@ -22,12 +22,12 @@ TIMING_FILE = "experiment_timing.json"
 
 
 def _read_json(path: str) -> Any:
-  with tf.io.gfile.GFile(path) as f:
+  with epath.Path(path).open() as f:
     return json.load(f)
 
 
 def _write_text(path: str, text: str) -> None:
-  with tf.io.gfile.GFile(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     f.write(text)
 
 
@@ -58,7 +58,7 @@ def evaluate_run(run: Run, workdir: str, attack: str, steps: int | None,
       alphas=list(SOUP_ALPHAS) if run.has_soup else None,
       domain=None if run.has_soup else 0)
   path = os.path.join(workdir, kind, request.name(kind) + ".json")
-  reused = tf.io.gfile.exists(path)
+  reused = epath.Path(path).exists()
   if reused:
     report = _read_json(path)
   elif compute:
@@ -94,7 +94,7 @@ def run_selected(selected: Sequence[Run], configs: dict[str, ml_collections.Conf
                  num_examples: int | None) -> dict[str, dict]:
   """Trains and evaluates `selected` (one line of progress each, with an ETA); returns
   {run name: {figures, trained_now}}."""
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   records: dict[str, dict] = {}
   durations: list[float] = []  # runs that did work in this invocation (for the ETA)
   for k, run in enumerate(selected, 1):
@@ -136,6 +136,6 @@ def collect(runs: Sequence[Run], records: dict[str, dict], workdir: str, attack:
                workdir=os.path.join(workdir, run.name),
                status="done" if rec["figures"] else "pending")
     timing = os.path.join(workdir, run.name, TIMING_FILE)
-    rec["train_wall_s"] = (_read_json(timing)["train_wall_s"] if tf.io.gfile.exists(timing)
+    rec["train_wall_s"] = (_read_json(timing)["train_wall_s"] if epath.Path(timing).exists()
                            else None)
   return {run.name: records[run.name] for run in runs}

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import tensorflow as tf
+from etils import epath
 from absl import logging
 
 from adv_soups.models.adapters import DOMAIN_PREFIX
@@ -63,16 +63,16 @@ def sidecar_path(npz_path: str) -> str:
 
 
 def _open(path: str):
-  if not tf.io.gfile.exists(path):
+  if not epath.Path(path).exists():
     raise ValueError(f"init_from={path!r}: no such file")
   if "://" in path:  # remote: np.load and zipfile need seeks; read it once into memory
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return io.BytesIO(f.read())
   return open(path, "rb")
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  """Every array of an .npz file (any path tf.io.gfile reads), flat keys -> arrays.
+  """Every array of an .npz file (any path etils.epath reads), flat keys -> arrays.
 
   `allow_pickle=False`: an object array in the file is an error, never code execution.
   """
@@ -107,10 +107,10 @@ def read_npz_shapes(path: str) -> dict[str, np.ndarray]:
 
 
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes flat `arrays` as an uncompressed .npz (tf.io.gfile: local or gs://)."""
+  """Writes flat `arrays` as an uncompressed .npz (etils.epath: local or gs://)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  with tf.io.gfile.GFile(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:
     f.write(buffer.getvalue())
 
 
@@ -118,8 +118,8 @@ def file_normalisation(path: str) -> dict[str, tuple[float, ...]]:
   """The input normalisation a checkpoint expects: its JSON sidecar's `mean` / `std` when there
   is one (our exports), else [-1, 1] (mean = std = 0.5), the convention of every public release."""
   side = sidecar_path(path)
-  if side != path and tf.io.gfile.exists(side):
-    with tf.io.gfile.GFile(side) as f:
+  if side != path and epath.Path(side).exists():
+    with epath.Path(side).open() as f:
       meta = json.load(f)
     if "mean" in meta and "std" in meta:
       return {"mean": tuple(meta["mean"]), "std": tuple(meta["std"])}

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epath
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import data as data_lib
 from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
+from adv_soups import writers as writers_lib
 from adv_soups.evaluation import periodic
 from adv_soups.models import create_model
 from adv_soups.training.config import resolve_config
@@ -32,7 +32,7 @@ from adv_soups.training.step import make_train_step
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpointing: orbax for the arrays, the tf.data iterator state beside it.
+# Checkpointing: orbax for the arrays, the input position (tf.data iterator or in-memory) beside it.
 
 def data_state_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "data_state", str(step))
@@ -49,9 +49,9 @@ def save_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainSta
   keep = {str(s) for s in manager.all_steps()}
   root = os.path.join(workdir, "data_state")
   if jax.process_index() == 0:
-    for name in tf.io.gfile.listdir(root):
-      if name.rstrip("/") not in keep:
-        tf.io.gfile.rmtree(os.path.join(root, name.rstrip("/")))
+    for entry in epath.Path(root).iterdir():
+      if entry.name not in keep:
+        entry.rmtree()
   return step
 
 
@@ -67,7 +67,7 @@ def restore_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: Train
     restored = manager.restore(step, targets={name: getattr(state, name) for name in items},
                                items=items)
     directory = data_state_dir(workdir, step)
-    if not tf.io.gfile.exists(os.path.join(directory, f"process_{jax.process_index()}")):
+    if not epath.Path(directory, f"process_{jax.process_index()}").exists():
       raise ckpt_lib.RestoreMismatch(
           f"step {step} has no input-pipeline state for process {jax.process_index()} in "
           f"{directory}: resume with the number of processes that saved it")
@@ -136,11 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   watch = preemption_lib.PreemptionWatch().start()  # SIGTERM -> save at one step, stop
   preempted_at = None
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams(_flat_hparams(config))
-  progress = periodic_actions.ReportProgress(num_train_steps=train_cfg.steps, writer=writer,
-                                             every_secs=None, every_steps=train_cfg.log_every)
+  progress = writers_lib.progress_report(train_cfg.steps, writer, train_cfg.log_every)
   pending: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
   t0, images_seen = time.time(), 0
@@ -220,7 +219,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
       if moved:
         print(f"moved the previous run aside to {moved}", file=sys.stderr)
     parallel.barrier("adv_soups.train moved the previous run aside")
-  elif tf.io.gfile.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+  elif epath.Path(os.path.join(workdir, workdir_lib.CONFIG_FILE)).exists():
     saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
     allowed, refused = workdir_lib.resume_differences(saved, workdir_lib.config_to_dict(config))
     if refused:
