@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Optional overrides of the variant's sizes (None = the variant's).
       patch_size=placeholder(int), width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), mlp_dim=placeholder(int),
-      # A public ViT .npz (vision_transformer / big_vision layout, any tf.io.gfile path) to start
+      # A public ViT .npz (vision_transformer / big_vision layout, any etils.epath path) to start
       # from; None = random initialisation. See adv_soups/models/npz.py.
       init_from=placeholder(str)))
 
@@ -192,7 +192,7 @@ def _resolve_weights(config: ml_collections.ConfigDict) -> None:
   init_from, trainable = config.model.get("init_from"), config.train.get("trainable", "all")
   if not init_from and trainable == "all":
     return
-  from adv_soups.models import npz as npz_lib  # reads files through tf.io.gfile
+  from adv_soups.models import npz as npz_lib  # reads files through etils.epath
   model = create_model(config.model)
   abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0), config.model.channels))
   head_loaded = False
