@@ -105,15 +105,17 @@ def zero_gradient_masks(logits_fn, *, norm: str = "linf", num_targets: int = 0):
       return jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim))) == 0
     with jax.default_matmul_precision("highest"):
       start = pgd_lib.random_start(pgd_lib.example_keys(rng, index, 0), x, eps, norm)
-      out = [zero(start, lambda z, y, _: loss(z, y), None)]
-      if targets:
-        clean = logits_fn(x)
-        for rank in range(targets):
-          key = jax.random.fold_in(target_rng, rank)
-          start_t = pgd_lib.random_start(pgd_lib.example_keys(key, index, 0), x, eps, norm)
-          out.append(zero(start_t, losses_lib.targeted_dlr_loss,
-                          apgd_lib.runner_up_targets(clean, labels, rank)))
-      return jnp.stack(out)
+      first = zero(start, lambda z, y, _: loss(z, y), None)
+      if not targets:
+        return first[None]
+      clean = logits_fn(x)
+
+      def target(rank):  # one target at a time (lax.map): memory of a single gradient pass
+        key = jax.random.fold_in(target_rng, rank)
+        start_t = pgd_lib.random_start(pgd_lib.example_keys(key, index, 0), x, eps, norm)
+        return zero(start_t, losses_lib.targeted_dlr_loss,
+                    apgd_lib.runner_up_targets(clean, labels, rank))
+      return jnp.concatenate([first[None], jax.lax.map(target, jnp.arange(targets))])
   return jax.jit(masks)
 
 
