@@ -172,9 +172,13 @@ class LoadedModel:
                              **common)
       if attack == "apgd-t":
         return apgd_lib.apgd_t(logits_fn, images, labels, rng, num_steps=steps, **common)
+      # FAB-T and Square compact their rows: the per-row domain travels with them.
+      rows_fn = lambda x, dom: self.model.apply({"params": params}, x, dom, train=False)
       if attack == "fab-t":
-        return fab_lib.fab_t(logits_fn, images, labels, rng, num_steps=steps, **common)
-      return square_lib.square(logits_fn, images, labels, rng, num_queries=steps, **common)
+        return fab_lib.fab_t(rows_fn, images, labels, rng, num_steps=steps, row_args=(domain,),
+                             **common)
+      return square_lib.square(rows_fn, images, labels, rng, num_queries=steps,
+                               row_args=(domain,), **common)
     return fn
 
 

@@ -118,6 +118,8 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, settings):
 
   def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
     f = _bind(logits_fn, params, domain, has_params, has_domain)
+    # Square and FAB-T compact their rows: the per-row domain travels with them.
+    rows_f = lambda z, dom: _bind(logits_fn, params, dom, has_params, has_domain)(z)
     common = dict(eps=eps, num_steps=s["num_steps"], norm=s["norm"],
                   restarts=s["restarts"], example_index=index)
     if attack == "pgd":
@@ -127,12 +129,14 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, settings):
     elif attack == "apgd-t":  # one target rank
       x_adv = apgd_lib.apgd_t_single(f, images, labels, rng, rank, **common)[0]
     elif attack == "fab-t":  # one target rank; its points may lie outside the eps ball
-      x_adv = fab_lib.fab_t_single(f, images, labels, rng, rank, **common)[0]
+      x_adv = fab_lib.fab_t_single(rows_f, images, labels, rng, rank, row_args=(domain,),
+                                   **common)[0]
       wrong = jnp.argmax(f(x_adv), axis=-1) != labels
       return mask & ~(wrong & fab_lib.within_eps(x_adv, images, eps, s["norm"]))
     else:  # square: num_steps counts queries
-      x_adv = square_lib.square(f, images, labels, rng, eps=eps, num_queries=s["num_steps"],
-                                norm=s["norm"], example_index=index)
+      x_adv = square_lib.square(rows_f, images, labels, rng, eps=eps,
+                                num_queries=s["num_steps"], norm=s["norm"], example_index=index,
+                                row_args=(domain,))
     return mask & (jnp.argmax(f(x_adv), axis=-1) == labels)
   d = P(parallel.DATA_AXIS)
   sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),
