@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import compaction
 from adv_soups.attacks import fab
 from adv_soups.attacks import losses
 from conftest import jaxpr_eqns
@@ -311,6 +312,31 @@ def test_per_example_independent_of_batch_and_sharding():
   assert not [c for c in ("all-reduce", "all-gather", "collective-permute", "all-to-all")
               if c in compiled.as_text()]
   np.testing.assert_allclose(compiled(*args), full, rtol=1e-5)
+
+
+def test_compaction_same_broken_flags():
+  """FAB-T with compaction (rows within eps stop; the rest regrouped every 2 iterations) breaks
+  the same rows as without it, for two target ranks; eps is set so that a quarter of the rows
+  are never broken and more than half are within eps before the last regrouping (so a smaller
+  bucket runs)."""
+  x = jax.random.uniform(jax.random.PRNGKey(7), (32,) + SHAPE, minval=0.2, maxval=0.8)
+  y = jnp.argmax(rand_mlp(x), -1)
+  run = jax.jit(lambda x, y, rank, eps, steps, compact: fab.fab_t_single(
+      rand_mlp, x, y, KEY, rank, eps=eps, num_steps=steps, compact=compact, compact_every=2),
+                static_argnums=(4, 5))
+
+  def broken(out, eps):
+    x_adv = out[0]
+    return np.asarray((jnp.argmax(rand_mlp(x_adv), -1) != y) & fab.within_eps(x_adv, x, eps,
+                                                                                "linf"))
+  for rank in (0, 3):
+    final = np.asarray(run(x, y, rank, 0.1, 20, False)[2])
+    eps = float(np.quantile(final, 0.75))
+    early = np.asarray(run(x, y, rank, eps, 18, False)[2])
+    assert np.sum(early <= eps) > 32 - compaction.bucket_sizes(32)[1]
+    plain = broken(run(x, y, rank, eps, 20, False), eps)
+    assert plain.any() and not plain.all()
+    np.testing.assert_array_equal(plain, broken(run(x, y, rank, eps, 20, True), eps))
 
 
 def test_no_parameter_gradients():
