@@ -271,11 +271,16 @@ def main(argv=None) -> None:
   record = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), cpu=cpu_model(), cores=os.cpu_count(),
                 load_average=os.getloadavg(), workdir=workdir, num_examples=args.num_examples,
                 eps=EPS, norm="linf")
-  if not args.skip_public:
-    record["public"] = run_public(args.torch_python, npz, data)
-  record["after"] = run_ours(ROOT, workdir, args.num_examples)
+  steps = [] if args.skip_public else [("public", lambda: run_public(args.torch_python, npz,
+                                                                      data))]
+  steps.append(("after", lambda: run_ours(ROOT, workdir, args.num_examples)))
   if args.base:
-    record["before"] = run_ours(os.path.abspath(args.base), workdir, args.num_examples)
+    steps.append(("before", lambda: run_ours(os.path.abspath(args.base), workdir,
+                                             args.num_examples)))
+  for name, run in steps:  # each result printed when it comes (a long run keeps what it has)
+    record[name] = run()
+    print(f"{name}: " + json.dumps({k: v for k, v in record[name].items() if k != "robust"}),
+          flush=True)
   record["load_average_end"] = os.getloadavg()
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "a") as f:
