@@ -164,9 +164,10 @@ class LoadedModel:
 
     def fn(params, images, labels, domain, eps, rng):
       with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
-        logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
-        return entry.run_full(logits_fn, images, labels, rng, eps=eps, norm=norm,
-                              budget=budget, settings=settings)
+        # The per-row domain travels with the rows that Square and FAB-T compact.
+        rows_fn = lambda x, dom: self.model.apply({"params": params}, x, dom, train=False)
+        return entry.run_full(rows_fn, images, labels, rng, eps=eps, norm=norm,
+                              budget=budget, settings=settings, row_args=(domain,))
     return fn
 
   def with_precision(self, precision: str = "float32") -> "LoadedModel":

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import compaction
 from adv_soups.attacks import fab
 from adv_soups.attacks import losses
 from conftest import jaxpr_eqns
@@ -33,10 +34,13 @@ def _linear(w, b):
 
 
 @functools.lru_cache(maxsize=None)
-def _attack(logits_fn, num_steps, norm, restarts=1):
-  """A jitted fab_t_single(x, y, rank, eps) shared by the tests (one compilation per setting)."""
+def _attack(logits_fn, num_steps, norm, restarts=1, compact=False):
+  """A jitted fab_t_single(x, y, rank, eps) shared by the tests (one compilation per setting).
+  Without compaction by default: these tests measure FAB's minimisation, which compaction stops
+  once a point is within eps."""
   return jax.jit(lambda x, y, rank, eps: fab.fab_t_single(
-      logits_fn, x, y, KEY, rank, eps=eps, num_steps=num_steps, norm=norm, restarts=restarts))
+      logits_fn, x, y, KEY, rank, eps=eps, num_steps=num_steps, norm=norm, restarts=restarts,
+      compact=compact))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def test_fab_t_keeps_first_point_within_eps():
   d0, d1 = np.asarray(d0), np.asarray(d1)
   assert np.all(d1 < d0)
   fab_t = jax.jit(lambda eps: fab.fab_t(model, x, y, KEY, eps=eps, num_steps=10, norm=norm,
-                                        num_targets=3))
+                                        num_targets=3, compact=False))
   np.testing.assert_array_equal(fab_t(float(d0.max()) * 1.01), x0)  # the first target's point
   np.testing.assert_array_equal(fab_t(float(d1.max() + d0.min()) / 2), x1)  # only rank 1 within
   np.testing.assert_array_equal(fab_t(0.5 * float(d1.min())), x1)  # none: the closest one
@@ -286,13 +290,15 @@ def test_per_example_independent_of_batch_and_sharding():
   x = jax.random.uniform(jax.random.PRNGKey(5), (16,) + SHAPE, minval=0.2, maxval=0.8)
   y = jnp.argmax(rand_mlp(x), -1)
   kw = dict(eps=0.3, num_steps=10, norm="linf")
-  single = jax.jit(lambda x, y, i, r: fab.fab_t_single(rand_mlp, x, y, KEY, 1, restarts=r,
-                                                       example_index=i, **kw)[2],
-                   static_argnums=3)
+  single = jax.jit(lambda x, y, i, r, c=True: fab.fab_t_single(
+      rand_mlp, x, y, KEY, 1, restarts=r, example_index=i, compact=c, **kw)[2],
+                   static_argnums=(3, 4))
   full = np.asarray(single(x, y, jnp.arange(16), 3))
   assert np.all(np.isfinite(full))
-  # The random restarts matter here (else the comparison below would prove little).
-  assert np.any(full < np.asarray(single(x, y, jnp.arange(16), 1)))
+  # The random restarts matter here (else the comparison below would prove little); without
+  # compaction, which stops the points already within eps.
+  assert np.any(np.asarray(single(x, y, jnp.arange(16), 3, False))
+                < np.asarray(single(x, y, jnp.arange(16), 1, False)))
   for i in (0, 7, 13):
     alone = single(x[i:i + 1], y[i:i + 1], jnp.array([i]), 3)
     np.testing.assert_allclose(alone, full[i:i + 1], rtol=1e-5)
@@ -306,6 +312,31 @@ def test_per_example_independent_of_batch_and_sharding():
   assert not [c for c in ("all-reduce", "all-gather", "collective-permute", "all-to-all")
               if c in compiled.as_text()]
   np.testing.assert_allclose(compiled(*args), full, rtol=1e-5)
+
+
+def test_compaction_same_broken_flags():
+  """FAB-T with compaction (rows within eps stop; the rest regrouped every 2 iterations) breaks
+  the same rows as without it, for two target ranks; eps is set so that a quarter of the rows
+  are never broken and more than half are within eps before the last regrouping (so a smaller
+  bucket runs)."""
+  x = jax.random.uniform(jax.random.PRNGKey(7), (32,) + SHAPE, minval=0.2, maxval=0.8)
+  y = jnp.argmax(rand_mlp(x), -1)
+  run = jax.jit(lambda x, y, rank, eps, steps, compact: fab.fab_t_single(
+      rand_mlp, x, y, KEY, rank, eps=eps, num_steps=steps, compact=compact, compact_every=2),
+                static_argnums=(4, 5))
+
+  def broken(out, eps):
+    x_adv = out[0]
+    return np.asarray((jnp.argmax(rand_mlp(x_adv), -1) != y) & fab.within_eps(x_adv, x, eps,
+                                                                                "linf"))
+  for rank in (0, 3):
+    final = np.asarray(run(x, y, rank, 0.1, 20, False)[2])
+    eps = float(np.quantile(final, 0.75))
+    early = np.asarray(run(x, y, rank, eps, 18, False)[2])
+    assert np.sum(early <= eps) > 32 - compaction.bucket_sizes(32)[1]
+    plain = broken(run(x, y, rank, eps, 20, False), eps)
+    assert plain.any() and not plain.all()
+    np.testing.assert_array_equal(plain, broken(run(x, y, rank, eps, 20, True), eps))
 
 
 def test_no_parameter_gradients():
@@ -356,7 +387,7 @@ def test_strength_vs_apgd_bisection(digits_mlp):
   APGD-CE (eps 0.3) perturbation of each example (measured: ratio <= 0.95, median ~0.82)."""
   fn, x, y = digits_mlp
   dists = jax.jit(lambda x, y: jax.vmap(lambda r: fab.fab_t_single(
-      fn, x, y, KEY, r, eps=0.3, num_steps=100)[2])(jnp.arange(9)))(x, y)
+      fn, x, y, KEY, r, eps=0.3, num_steps=100, compact=False)[2])(jnp.arange(9)))(x, y)
   d_fab = np.asarray(dists).min(0)
   x_pgd = jax.jit(lambda x, y: apgd_lib.apgd(fn, x, y, KEY, eps=0.3, num_steps=50))(x, y)
   lo, hi = jnp.zeros(len(y)), jnp.ones(len(y))

@@ -330,6 +330,71 @@ def test_single_updates():
     assert np.abs(new - cur).max() > 1e-3
 
 
+def _reference_l2_update(x, cur, eps, s, r1, c1, r2, c2, signs, flip, per_channel=True):
+  """AutoAttack's l_2 Square step written out in numpy on one [H, W, C] image: the new window is
+  normalised per channel and gets the per-channel budget sqrt(max(eps^2 - |delta|^2, 0) / C +
+  |delta on both windows|^2). per_channel=False normalises it over all channels instead."""
+  c = x.shape[-1]
+  delta = (cur - x).astype(np.float64)
+  window = delta[r1:r1 + s, c1:c1 + s]
+  old = window / (np.sqrt((window ** 2).sum(axis=(0, 1))) + 1e-12)
+  both = np.zeros(x.shape[:2], bool)
+  both[r1:r1 + s, c1:c1 + s] = True
+  both[r2:r2 + s, c2:c2 + s] = True
+  eta = _reference_eta(s).T if flip else _reference_eta(s)
+  new = eta[..., None] * signs + old
+  axes = (0, 1) if per_channel else (0, 1, 2)
+  budget = np.sqrt(max(eps ** 2 - (delta ** 2).sum(), 0.0) / c + (delta[both] ** 2).sum())
+  new = new / np.sqrt((new ** 2).sum(axis=axes, keepdims=True)) * budget
+  delta[r2:r2 + s, c2:c2 + s] = 0.0
+  delta[r1:r1 + s, c1:c1 + s] = new
+  return x + eps * delta / np.sqrt((delta ** 2).sum())
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_l2_window_budget_per_channel(channels):
+  """The l_2 update's new window against the reference formula, on an image whose channels carry
+  very unequal perturbation mass (with one channel the per-channel and the all-channel budgets
+  coincide; with three they must not, or the test could not tell them apart)."""
+  rs = np.random.RandomState(4)
+  h, s, eps = 12, 5, 0.3 * channels
+  x = rs.uniform(0.3, 0.7, (h, h, channels)).astype(np.float32)
+  delta = rs.randn(h, h, channels) * np.array([0.05, 0.3, 1.0])[:channels]
+  cur = (x + 0.6 * eps * delta / np.linalg.norm(delta)).astype(np.float32)
+  r1, c1, r2, c2 = 2, 3, 6, 5
+  u = (np.array([r1, c1, r2, c2]) + 0.5) / (h - s + 1)
+  signs = np.array([1.0, -1.0, 1.0])[:channels]
+  for flip in (False, True):
+    draws = dict(u=jnp.asarray(u, jnp.float32), signs=jnp.asarray(signs, jnp.float32),
+                 flip=jnp.asarray(flip))
+    got = np.asarray(sq._l2_update(draws, jnp.asarray(x), jnp.asarray(cur), eps, s))
+    want = _reference_l2_update(x, cur, eps, s, r1, c1, r2, c2, signs, flip)
+    assert want.min() > 0 and want.max() < 1  # [0, 1] clipping plays no part
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    other = _reference_l2_update(x, cur, eps, s, r1, c1, r2, c2, signs, flip, per_channel=False)
+    assert (np.abs(other - want).max() > 1e-2) == (channels > 1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_compaction_same_results_per_example(norm):
+  """Square with compaction (every 10 queries) returns the same points, flags and query counts
+  as without it, on a batch where more than half the rows break well before the end (so the
+  smaller buckets run)."""
+  fn = _elementwise_model()
+  x = jax.random.uniform(jax.random.PRNGKey(3), (48,) + SHAPE)
+  y = jnp.argmax(fn(x), -1)
+  eps, n = (0.3, 200) if norm == "linf" else (2.5, 200)
+  run = jax.jit(lambda x, y, compact: sq.square_run(fn, x, y, KEY, eps=eps, num_queries=n,
+                                                     norm=norm, compact=compact,
+                                                     compact_every=10), static_argnums=2)
+  plain, compacted = run(x, y, False), run(x, y, True)
+  wrong, queries = np.asarray(plain[1]), np.asarray(plain[2])
+  assert not wrong.all()
+  assert np.sum(wrong & (queries <= n - 10)) > 48 - sq.compaction.bucket_sizes(48)[1]
+  for a, b in zip(plain, compacted):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ Restarts r >= 1 start from a random point at distance min(best so far, eps) / 2 
 noise in [-1, 1]^n scaled to that l_inf norm / a Gaussian direction scaled to that l_2 norm),
 clipped to [0, 1]; AutoAttack's radius is eps / 2, the same for every example not yet broken
 within eps. eps is used only there and in `within_eps`. AutoAttack runs later restarts only on the
-examples not yet broken within eps; here every restart runs on every example and the closest
-point wins, so (for the same random starts) the same examples count as broken.
+examples not yet broken within eps; here too (with `compact`, the default): an example whose
+closest point is within eps stops, and every 10 iterations the examples still running are
+gathered into a smaller static batch (`compaction`), so broken ones stop costing compute.
 
 The projection onto {w . z = b} intersected with the box, for both norms, solves one scalar
 equation: after flipping the sign so that c = w . t - b >= 0, every coordinate moves against its
@@ -43,8 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import compaction
+from adv_soups.attacks import pgd as pgd_lib
 
 DEFAULT_NUM_TARGETS = 9
 ALPHA_MAX = 0.1
@@ -55,6 +57,7 @@ WITHIN_EPS_RTOL = 1e-6
 WITHIN_EPS_ATOL = 1e-7
 _MIN_STEP_NORM = 1e-8  # floor of |d_k| and |d_0| in alpha (as AutoAttack)
 _TINY_WEIGHT = 1e-12  # l_2: |w_i| / max|w| below this counts as 0 (its q_i would overflow)
+COMPACT_EVERY = 10  # iterations between two compactions of the rows not yet broken within eps
 _bcast = pgd_lib._bcast  # pylint: disable=protected-access
 
 
@@ -189,15 +192,24 @@ def fab_step(x1: jax.Array, x0: jax.Array, w: jax.Array, b: jax.Array, norm: str
   return jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d0) * alpha, 0.0, 1.0)
 
 
-def _fab_run(logits_fn, x, labels, targets, x_start, best, best_dist, *, num_steps, norm,
-             alpha_max, eta, beta):
-  """One FAB-T run of `num_steps` iterations from x_start; updates (best, best_dist)."""
-  bsz = x.shape[0]
-  x0 = x.reshape(bsz, -1)
+def _fab_run(logits_fn, rows, *, num_steps, norm, alpha_max, eta, beta, eps, compact,
+             compact_every):
+  """One FAB-T run of `num_steps` iterations from rows["x1"]; updates rows["best"/"best_dist"].
 
-  def body(_, s):
-    x1, best, best_dist = s
-    logits, vjp = jax.vjp(logits_fn, x1)
+  rows: dict of per-row arrays: x (clean) [B, H, W, C], y and targets [B], args (the per-row
+  model inputs), x1 (the start), best, best_dist. With `compact`, a row whose best point is
+  within eps stops (it is broken; further iterations would only move it closer to x) and the
+  other rows are compacted every `compact_every` iterations.
+  """
+  def done(r):
+    return r["best_dist"] <= eps * (1 + WITHIN_EPS_RTOL) + WITHIN_EPS_ATOL
+
+  def body(_, r):
+    x, labels, targets, x1, best, best_dist = (r["x"], r["y"], r["targets"], r["x1"], r["best"],
+                                               r["best_dist"])
+    bsz = x.shape[0]
+    f = lambda z: logits_fn(z, *r["args"])
+    logits, vjp = jax.vjp(f, x1)
     num_classes = logits.shape[-1]
     cot = (jax.nn.one_hot(targets, num_classes, dtype=logits.dtype)
            - jax.nn.one_hot(labels, num_classes, dtype=logits.dtype))
@@ -206,27 +218,33 @@ def _fab_run(logits_fn, x, labels, targets, x_start, best, best_dist, *, num_ste
     w = g.reshape(bsz, -1).astype(jnp.float32)
     x1f = x1.reshape(bsz, -1)
     b = jnp.sum(w * x1f, axis=-1) - diff
-    x_new = fab_step(x1f, x0, w, b, norm, alpha_max=alpha_max, eta=eta).reshape(x.shape)
-    adv = jnp.argmax(logits_fn(x_new), axis=-1) != labels
+    x_new = fab_step(x1f, x.reshape(bsz, -1), w, b, norm, alpha_max=alpha_max,
+                     eta=eta).reshape(x.shape)
+    adv = jnp.argmax(f(x_new), axis=-1) != labels
     dist = distance(x_new, x, norm)
-    better = adv & (dist < best_dist)
-    best = jnp.where(_bcast(better, x), x_new, best)
-    best_dist = jnp.where(better, dist, best_dist)
-    x1 = jnp.where(_bcast(adv, x), x + beta * (x_new - x), x_new)  # the backward step
-    return x1, best, best_dist
+    live = ~done(r) if compact else jnp.ones_like(adv)  # rows within eps stay as they are
+    better = live & adv & (dist < best_dist)
+    x1_new = jnp.where(_bcast(adv, x), x + beta * (x_new - x), x_new)  # the backward step
+    return dict(r, x1=jnp.where(_bcast(live, x), x1_new, x1),
+                best=jnp.where(_bcast(better, x), x_new, best),
+                best_dist=jnp.where(better, dist, best_dist))
 
-  _, best, best_dist = lax.fori_loop(0, num_steps, body, (x_start, best, best_dist))
-  return best, best_dist
+  sizes = compaction.bucket_sizes(rows["x"].shape[0]) if compact else (rows["x"].shape[0],)
+  return compaction.compacted_loop(body, rows, lambda r: ~done(r), 0, num_steps,
+                                   chunk=compact_every, sizes=sizes)
 
 
 def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 100,
                  norm: str = "linf", restarts: int = 1, example_index=None,
-                 alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA):
+                 alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA,
+                 row_args: tuple = (), compact: bool = True,
+                 compact_every: int = COMPACT_EVERY):
   """One target rank of FAB-T: the smallest adversarial perturbation towards one runner-up class.
 
   Args:
-    logits_fn: images [B, H, W, C] float32 -> logits [B, K] (K >= 2); only its input is
-      differentiated.
+    logits_fn: `logits_fn(images [b, H, W, C] float32, *row_args)` -> logits [b, K] (K >= 2);
+      only its input is differentiated. Rows must be independent (compaction calls it on subsets
+      of the rows): per-row model inputs go in `row_args`, never in its closure.
     images: [B, H, W, C] float32 in [0, 1].
     labels: [B] int in [0, K).
     rng: PRNG key; restart r >= 1 of example i starts from the key
@@ -234,14 +252,22 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
       clean image (no randomness).
     rank: the target is the rank-th runner-up class of the clean logits (0 = the highest-scoring
       class other than the label; `apgd.runner_up_targets`); may be traced.
-    eps: pixel units; only the radius of the random starts (restarts >= 2); FAB's points are not
-      bounded by it (check them with `within_eps`).
+    eps: pixel units; the radius of the random starts (restarts >= 2) and, with `compact`, when a
+      row is done; FAB's points are not bounded by it (check them with `within_eps`).
     num_steps: iterations per restart (each one forward + one input-gradient pass, and one more
       forward pass to check the new point).
     norm: "linf" or "l2": the norm minimised.
     restarts: >= 1 runs; each example keeps its closest adversarial point over all of them.
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
     alpha_max, eta, beta: FAB's bias towards the clean image, overshoot and backward step.
+    row_args: per-row arrays [B, ...] passed to logits_fn after the images (e.g. soup mixing
+      weights), gathered with their rows.
+    compact: a row stops once its closest point is misclassified and within eps (it is broken;
+      later iterations would only bring it closer to x), and every `compact_every` iterations the
+      rows still running are gathered into the smallest of a few static batch sizes that holds
+      them (`compaction`). Which rows end within eps is the same as with False; the points of
+      those rows are then the first within eps, not the closest after all iterations.
+    compact_every: iterations between two compactions.
 
   Returns:
     (x_adv [B, H, W, C] float32 in [0, 1], found [B] bool, dist [B] float32): the closest
@@ -251,17 +277,26 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
   """
   check_fab_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts,
                      alpha_max=alpha_max, eta=eta, beta=beta)
+  if isinstance(compact_every, bool) or int(compact_every) != compact_every or compact_every < 1:
+    raise ValueError(f"compact_every must be an integer >= 1, got compact_every={compact_every}")
+  row_args = tuple(row_args)
   x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
+  labels = jnp.asarray(labels)
   eps = jnp.asarray(eps, jnp.float32)
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
-  clean_logits = logits_fn(x)
+  clean_logits = logits_fn(x, *row_args)
   _check_classes(clean_logits.shape[-1], rank)
   targets = apgd_lib.runner_up_targets(clean_logits, labels, rank)
   clean_wrong = jnp.argmax(clean_logits, axis=-1) != labels
   best_dist = jnp.where(clean_wrong, 0.0, jnp.inf).astype(jnp.float32)
-  run = lambda start, best, best_dist: _fab_run(
-      logits_fn, x, labels, targets, start, best, best_dist, num_steps=num_steps, norm=norm,
-      alpha_max=float(alpha_max), eta=float(eta), beta=float(beta))
+
+  def run(start, best, best_dist):
+    rows = dict(x=x, y=labels, targets=targets, args=row_args, x1=start, best=best,
+                best_dist=best_dist)
+    out = _fab_run(logits_fn, rows, num_steps=num_steps, norm=norm, alpha_max=float(alpha_max),
+                   eta=float(eta), beta=float(beta), eps=eps, compact=compact,
+                   compact_every=int(compact_every))
+    return out["best"], out["best_dist"]
   if restarts == 1:
     best, best_dist = run(x, x, best_dist)
   else:  # one scan (one copy of the loop to compile); restart 0 starts from the clean image
@@ -278,7 +313,9 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
 
 def fab_t(logits_fn, images, labels, rng, *, eps, num_steps: int = 100, norm: str = "linf",
           num_targets: int = DEFAULT_NUM_TARGETS, restarts: int = 1, example_index=None,
-          alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA) -> jax.Array:
+          alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA,
+          row_args: tuple = (), compact: bool = True,
+          compact_every: int = COMPACT_EVERY) -> jax.Array:
   """FAB-T over the top `num_targets` runner-up classes (at most K - 1), one `fab_t_single` each.
 
   Args as `fab_t_single`. Each example keeps the first target's point that is misclassified and
@@ -288,7 +325,8 @@ def fab_t(logits_fn, images, labels, rng, *, eps, num_steps: int = 100, norm: st
   """
   check_fab_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts,
                      alpha_max=alpha_max, eta=eta, beta=beta)
-  num_classes = pgd_lib.num_classes_of(logits_fn, images)
+  row_args = tuple(row_args)
+  num_classes = pgd_lib.num_classes_of(lambda z: logits_fn(z, *row_args), images)
   _check_classes(num_classes)
   if int(num_targets) != num_targets or num_targets < 1:
     raise ValueError(f"num_targets must be an integer >= 1, got num_targets={num_targets}")
@@ -299,7 +337,8 @@ def fab_t(logits_fn, images, labels, rng, *, eps, num_steps: int = 100, norm: st
     best, best_ok, best_dist = carry
     x_adv, _, dist = fab_t_single(logits_fn, x, labels, rng, rank, eps=eps, num_steps=num_steps,
                                   norm=norm, restarts=restarts, example_index=example_index,
-                                  alpha_max=alpha_max, eta=eta, beta=beta)
+                                  alpha_max=alpha_max, eta=eta, beta=beta, row_args=row_args,
+                                  compact=compact, compact_every=compact_every)
     ok = jnp.isfinite(dist) & within_eps(x_adv, x, eps, norm)
     take = (ok & ~best_ok) | (~ok & ~best_ok & (dist < best_dist))
     best = jnp.where(_bcast(take, x), x_adv, best)

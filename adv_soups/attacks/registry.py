@@ -67,6 +67,10 @@ class Attack:
     example keeping the first stage's point that breaks it, else the first stage's point).
   settings: {(version, norm): {setting: value}}; `settings_for` falls back to the standard
     version's. restartable: whether `restarts` changes the attack (Square's does not).
+  row_args: the stage and `full` take `logits_fn(x, *row_args)` and a `row_args=` tuple of
+    per-row model inputs ([B, ...] each, e.g. the soup's mixing weights), so rows they compact
+    inside the stage keep their own inputs (Square, FAB-T); other attacks get a logits_fn of
+    the images alone.
   """
   name: str
   display: str
@@ -80,6 +84,7 @@ class Attack:
   breaks: Callable[..., jax.Array] = misclassified
   full: Callable[..., jax.Array] | None = None
   restartable: bool = True
+  row_args: bool = False
   description: str = ""
 
   def __post_init__(self):
@@ -102,19 +107,31 @@ class Attack:
     """Runner stages: min(targets, K - 1) for a targeted attack, else 1."""
     return min(int(targets), int(num_classes) - 1) if self.targeted else 1
 
+  def run_stage(self, rows_fn, row_args, images, labels, rng, **kwargs) -> jax.Array:
+    """`stage` with the model as `rows_fn(x, *row_args)`: passed whole to a `row_args` attack,
+    bound to `row_args` for the others."""
+    if self.row_args:
+      return self.stage(rows_fn, images, labels, rng, row_args=tuple(row_args), **kwargs)
+    return self.stage(_bound(rows_fn, row_args), images, labels, rng, **kwargs)
+
   def run_full(self, logits_fn, images, labels, rng, *, eps, norm, budget, settings,
-               index=None) -> jax.Array:
-    """The whole attack on a batch (every target), adversarial images [B, H, W, C]."""
+               index=None, row_args=()) -> jax.Array:
+    """The whole attack on a batch (every target), adversarial images [B, H, W, C];
+    `logits_fn(x, *row_args)` -> logits."""
+    rows_fn = logits_fn
+    logits_fn = _bound(rows_fn, row_args)
     if self.full is not None:
-      return self.full(logits_fn, images, labels, rng, eps=eps, norm=norm, budget=budget,
-                       settings=settings, index=index)
+      extra = dict(row_args=tuple(row_args)) if self.row_args else {}
+      return self.full(rows_fn if self.row_args else logits_fn, images, labels, rng, eps=eps,
+                       norm=norm, budget=budget, settings=settings, index=index, **extra)
     x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
     index = pgd_lib._default_index(x, index)  # pylint: disable=protected-access
     num_classes = pgd_lib.num_classes_of(logits_fn, x)
     best = done = None
     for rank in range(self.num_stages(num_classes, settings.get("targets", 1))):
-      x_adv = self.stage(logits_fn, x, labels, rng, eps=eps, norm=norm, budget=budget,
-                         settings=settings, index=index, rank=rank, step_size=0.0)
+      x_adv = self.run_stage(rows_fn, row_args, x, labels, rng, eps=eps, norm=norm,
+                             budget=budget, settings=settings, index=index, rank=rank,
+                             step_size=0.0)
       ok = self.breaks(logits_fn, x_adv, x, labels, eps=eps, norm=norm)
       if best is None:  # the first stage's point, unless a later stage breaks the example
         best, done = x_adv, ok
@@ -158,6 +175,12 @@ def allowed_text() -> str:
           ", or a comma list of attacks such as apgd-ce,apgd-t")
 
 
+def _bound(rows_fn, row_args):
+  """`rows_fn(x, *row_args)` as a function of the images alone."""
+  row_args = tuple(row_args)
+  return (lambda z: rows_fn(z, *row_args)) if row_args else rows_fn
+
+
 def get(name: str) -> Attack:
   """The entry of attack `name`; ValueError listing the registered ones otherwise."""
   attack = ATTACKS.get(name)
@@ -194,22 +217,25 @@ def _apgd_t_full(f, x, y, rng, *, eps, norm, budget, settings, index):
                          example_index=index)
 
 
-def _fab_t_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size):
+def _fab_t_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size,
+                 row_args=()):
   del step_size
   return fab_lib.fab_t_single(f, x, y, rng, rank, eps=eps, num_steps=budget, norm=norm,
-                              restarts=settings["restarts"], example_index=index)[0]
+                              restarts=settings["restarts"], example_index=index,
+                              row_args=row_args)[0]
 
 
-def _fab_t_full(f, x, y, rng, *, eps, norm, budget, settings, index):
+def _fab_t_full(f, x, y, rng, *, eps, norm, budget, settings, index, row_args=()):
   return fab_lib.fab_t(f, x, y, rng, eps=eps, num_steps=budget, norm=norm,
                        num_targets=settings["targets"], restarts=settings["restarts"],
-                       example_index=index)
+                       example_index=index, row_args=row_args)
 
 
-def _square_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size):
+def _square_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size,
+                  row_args=()):
   del rank, step_size, settings
   return square_lib.square(f, x, y, rng, eps=eps, num_queries=budget, norm=norm,
-                           example_index=index)
+                           example_index=index, row_args=row_args)
 
 
 def _settings(loss: str, targets: int | None = None, **extra) -> dict:
@@ -233,9 +259,9 @@ for _attack in (
            description="APGD on the targeted DLR loss, 9 runner-up targets"),
     Attack("fab-t", "FAB-T", _fab_t_stage, targeted=True, full=_fab_t_full,
            breaks=misclassified_within_eps, settings=_settings("fab-targeted", NUM_TARGETS),
-           description="targeted FAB, minimal-distortion points counted only within eps"),
+           row_args=True, description="targeted FAB, minimal-distortion points counted only within eps"),
     Attack("square", "Square", _square_stage, budget="queries",
-           default_steps=square_lib.NUM_QUERIES, restartable=False,
+           default_steps=square_lib.NUM_QUERIES, restartable=False, row_args=True,
            settings=_settings("margin", p_init=square_lib.P_INIT),
            description="score-based Square attack (no gradients), margin loss"),
 ):

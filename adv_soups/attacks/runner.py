@@ -120,8 +120,11 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, norm, budget, se
   def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
     with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
       f = _bind(logits_fn, params, domain, has_params, has_domain)
-      x_adv = entry.stage(f, images, labels, rng, eps=eps, norm=norm, budget=budget, settings=s,
-                          index=index, rank=rank, step_size=step_size)
+      # Square and FAB-T compact their rows: the per-row domain travels with them.
+      rows_f = lambda z, dom: _bind(logits_fn, params, dom, has_params, has_domain)(z)
+      x_adv = entry.run_stage(rows_f, (domain,), images, labels, rng, eps=eps, norm=norm,
+                              budget=budget, settings=s, index=index, rank=rank,
+                              step_size=step_size)
       return mask & ~entry.breaks(f, x_adv, images, labels, eps=eps, norm=norm)
   d = P(parallel.DATA_AXIS)
   sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),

@@ -15,8 +15,10 @@ standard version: 5,000 queries, p_init = 0.8, one restart, the CW margin loss.
     the eps ball. Both are then clipped to [0, 1].
   - The candidate replaces the current point only when the margin loss max_{j != y} z_j - z_y
     increases strictly, or when the candidate is misclassified.
-  - An example stops changing once its current point is misclassified (a mask: every iteration
-    still evaluates the whole batch, so shapes are fixed).
+  - An example stops changing once its current point is misclassified (a mask), and every
+    `compact_every` (100) queries the examples not yet broken are gathered into the smallest of a
+    few static batch sizes that holds them, so broken ones stop costing forward passes
+    (`compaction`; the per-example random streams make the results the same as without it).
   - Side length: s_i = round(sqrt(p_i H W)) (at least 1; l_2: at least 3 and odd), at most
     min(H, W), where p_i = p_init / 2^k halves after iterations 10, 50, 200, 500, 1000, 2000,
     4000, 6000 and 8000 (`p_schedule`). AutoAttack's standard version uses this schedule as it
@@ -49,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from adv_soups.attacks import compaction
 from adv_soups.attacks import losses as losses_lib
 
 from adv_soups.attacks import pgd as pgd_lib
@@ -58,6 +61,7 @@ P_INIT = 0.8
 # p halves after each of these iteration counts (of a 10,000-query schedule).
 P_HALVING_ITERATIONS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _TINY = 1e-12
+COMPACT_EVERY = 100  # queries between two compactions of the rows not yet broken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +236,8 @@ def check_square_settings(*, eps, norm: str, num_queries: int, p_init: float) ->
 
 def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM_QUERIES,
                norm: str = "linf", p_init: float = P_INIT, rescale_schedule: bool = False,
-               example_index=None):
+               example_index=None, row_args: tuple = (), compact: bool = True,
+               compact_every: int = COMPACT_EVERY):
   """Square Attack, returning (x_adv [B, H, W, C], wrong [B] bool, queries [B] int32).
 
   Args as `square`. `wrong`: x_adv is misclassified (argmax != label; also for clean errors);
@@ -242,58 +247,72 @@ def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int =
   check_square_settings(eps=eps, norm=norm, num_queries=num_queries, p_init=p_init)
   if jnp.ndim(images) != 4:
     raise ValueError(f"images must be [B, H, W, C], got shape {jnp.shape(images)}")
-  pgd_lib.validate(logits_fn, images, labels, None, eps=eps, norm=norm, num_steps=num_queries,
-                   restarts=1, loss="margin")
+  if isinstance(compact_every, bool) or int(compact_every) != compact_every or compact_every < 1:
+    raise ValueError(f"compact_every must be an integer >= 1, got compact_every={compact_every}")
+  row_args = tuple(row_args)
+  pgd_lib.validate(lambda z: logits_fn(z, *row_args), images, labels, None, eps=eps, norm=norm,
+                   num_steps=num_queries, restarts=1, loss="margin")
   x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
+  labels = jnp.asarray(labels)
   eps = jnp.asarray(eps, jnp.float32)
-  _, h, w, _ = x.shape
+  bsz, h, w, _ = x.shape
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
   keys = pgd_lib.example_keys(rng, index)
   bc = pgd_lib._bcast  # pylint: disable=protected-access
   start = _linf_start if norm == "linf" else _l2_start
   update = _linf_update if norm == "linf" else _l2_update
 
-  def evaluate(xa):
-    logits = logits_fn(xa)
-    return losses_lib.margin_loss(logits, labels), jnp.argmax(logits, axis=-1) != labels
+  def evaluate(xa, y, args):
+    logits = logits_fn(xa, *args)
+    return losses_lib.margin_loss(logits, y), jnp.argmax(logits, axis=-1) != y
 
-  _, clean_wrong = evaluate(x)
+  _, clean_wrong = evaluate(x, labels, row_args)
   x0 = jax.vmap(lambda k, xi: start(jax.random.fold_in(k, 0), xi, eps))(keys, x)
   x0 = jnp.where(bc(clean_wrong, x), x, x0)
-  loss0, wrong0 = evaluate(x0)
-  state = (x0, loss0, wrong0 | clean_wrong, jnp.where(clean_wrong, 0, 1).astype(jnp.int32))
+  loss0, wrong0 = evaluate(x0, labels, row_args)
 
   schedule = phases(int(num_queries), h, w, norm, float(p_init), rescale_schedule)
   firsts = np.asarray([first for first, _, _ in schedule])
   # One branch per side length (static slice sizes); the model is called once, after them.
   branches = [jax.vmap(functools.partial(update, eps=eps, s=s)) for _, _, s in schedule]
 
-  def body(i, st):
-    x_cur, loss_cur, wrong_cur, queries = st
-    it_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys)
+  def body(i, r):
+    # Everything per row comes from r (compaction gathers rows); randomness from the row's key
+    # and the global query number i.
+    x_cur, loss_cur, wrong_cur = r["x_cur"], r["loss"], r["wrong"]
+    it_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(r["keys"])
     draws = jax.vmap(lambda k: _draws(k, x.shape[-1]))(it_keys)
     if len(branches) == 1:
-      x_new = branches[0](draws, x, x_cur)
+      x_new = branches[0](draws, r["x"], x_cur)
     else:
-      x_new = lax.switch(jnp.sum(i >= firsts) - 1, branches, draws, x, x_cur)
-    loss_new, wrong_new = evaluate(x_new)
+      x_new = lax.switch(jnp.sum(i >= firsts) - 1, branches, draws, r["x"], x_cur)
+    loss_new, wrong_new = evaluate(x_new, r["y"], r["args"])
     active = ~wrong_cur
     accept = active & ((loss_new > loss_cur) | wrong_new)
-    return (jnp.where(bc(accept, x), x_new, x_cur), jnp.where(accept, loss_new, loss_cur),
-            wrong_cur | (active & wrong_new), queries + active.astype(jnp.int32))
+    return dict(r, x_cur=jnp.where(bc(accept, x_cur), x_new, x_cur),
+                loss=jnp.where(accept, loss_new, loss_cur),
+                wrong=wrong_cur | (active & wrong_new),
+                queries=r["queries"] + active.astype(jnp.int32))
 
-  state = lax.fori_loop(0, int(num_queries), body, state)
-  x_adv, _, wrong, queries = state
-  return x_adv, wrong, queries
+  rows = dict(x=x, y=labels, keys=keys, args=row_args, x_cur=x0, loss=loss0,
+              wrong=wrong0 | clean_wrong,
+              queries=jnp.where(clean_wrong, 0, 1).astype(jnp.int32))
+  sizes = compaction.bucket_sizes(bsz) if compact else (bsz,)
+  rows = compaction.compacted_loop(body, rows, lambda r: ~r["wrong"], 0, int(num_queries),
+                                   chunk=int(compact_every), sizes=sizes)
+  return rows["x_cur"], rows["wrong"], rows["queries"]
 
 
 def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM_QUERIES,
            norm: str = "linf", p_init: float = P_INIT, rescale_schedule: bool = False,
-           example_index=None) -> jax.Array:
+           example_index=None, row_args: tuple = (), compact: bool = True,
+           compact_every: int = COMPACT_EVERY) -> jax.Array:
   """Square Attack adversarial examples (untargeted, margin loss, one restart).
 
   Args:
-    logits_fn: images [B, H, W, C] float32 -> logits [B, K]; only evaluated, never differentiated.
+    logits_fn: `logits_fn(images [b, H, W, C] float32, *row_args)` -> logits [b, K]; only
+      evaluated, never differentiated. Rows must be independent (compaction calls it on subsets
+      of the rows): per-row model inputs go in `row_args`, never in its closure.
     images: [B, H, W, C] float32 in [0, 1].
     labels: [B] int in [0, K).
     rng: PRNG key; example i draws from fold_in(rng, example_index[i]).
@@ -304,6 +323,11 @@ def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM
     rescale_schedule: stretch the p schedule (made for 10,000 queries) to num_queries; False, as
       AutoAttack's standard version, applies it to the raw iteration count.
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
+    row_args: per-row arrays [B, ...] passed to logits_fn after the images (e.g. soup mixing
+      weights), gathered with their rows.
+    compact: every `compact_every` queries, run only the rows not yet broken (in the smallest of
+      a few static batch sizes that holds them; `compaction`). Same results as False.
+    compact_every: queries between two compactions.
 
   Returns:
     [B, H, W, C] float32 inside the eps ball and [0, 1]: the first misclassified point found,
@@ -311,4 +335,5 @@ def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM
   """
   return square_run(logits_fn, images, labels, rng, eps=eps, num_queries=num_queries, norm=norm,
                     p_init=p_init, rescale_schedule=rescale_schedule,
-                    example_index=example_index)[0]
+                    example_index=example_index, row_args=row_args, compact=compact,
+                    compact_every=compact_every)[0]
