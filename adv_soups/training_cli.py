@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adv_soups import cli, parallel, preemption, train
+from adv_soups import cli, memory, parallel, preemption, train
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
 
@@ -124,6 +124,8 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
   quiet_logging()
   try:
     result = train.train_and_evaluate(config, workdir)
+  except memory.DoesNotFit as e:  # refused before the first step, nothing written
+    fail(str(e))
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
       traceback.print_exc()      # the others, which wait in a collective for us: fail now

@@ -93,6 +93,14 @@ def _cached(key, build, store=None):
   return value
 
 
+def _signature(args) -> tuple:
+  """What an ahead-of-time compiled program is specialised to: the arguments' tree, shapes,
+  dtypes, weak types and shardings."""
+  leaves, tree = jax.tree.flatten(args)
+  return (tree,) + tuple((np.shape(x), str(x.dtype), getattr(x, "weak_type", False),
+                          getattr(x, "sharding", None)) for x in leaves)
+
+
 def _bind(logits_fn, params, domain, has_params, has_domain):
   """images -> logits, closing over params (replicated) and the per-example domain."""
   def f(images):
@@ -187,7 +195,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
                     num_steps: int | dict[str, int] = 100, restarts: int = 1,
                     step_size: float | None = None, num_targets: int = suites.NUM_TARGETS,
                     mesh=None, seed: int = 0, params: Any = None, batch_size: int | None = None,
-                    index_offset: int = 0) -> RobustResult:
+                    index_offset: int = 0, programs: list | None = None) -> RobustResult | None:
   """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
 
   Args:
@@ -224,6 +232,10 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       the global stream), so random starts do not depend on how the stream is split.
     batch_size: examples per compiled call (default: the first batch's size), rounded up to a
       multiple of the number of devices.
+    programs: a list to fill instead of running (for the memory check): each distinct stage
+      program, compiled ahead of time for the first batch's shapes, is appended as
+      (stage name, `jax.stages.Compiled`) and None is returned. The programs stay cached (with
+      `params`), so a later call with the same shapes executes these very objects.
 
   Returns:
     A `RobustResult` (accuracies, per-example flags, the attacks and their settings).
@@ -296,18 +308,21 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       settings_out.append(s)
     queues.extend(_Queue() for _ in stages)
 
-  def compiled(stage):
+  def compiled(stage, args):
+    """The stage's program compiled ahead of time for `args` (cached by their shapes, dtypes
+    and shardings), so the object the memory check measured is the one that runs."""
     j, a, _ = stage
     hd = state["has_domain"]
     if a == "clean":
-      return _cached(("clean", logits_fn, has_params, hd, mesh),
-                     lambda: _clean_fn(logits_fn, has_params, hd, mesh), store)
-    s = settings_out[j]
-    static = {k: s[k] for k in ("norm", "num_steps", "restarts")}
-    return _cached(("attack", a, tuple(sorted(static.items())), logits_fn, has_params, hd, mesh),
-                   lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static), store)
+      key = ("clean", logits_fn, has_params, hd, mesh)
+      build = lambda: _clean_fn(logits_fn, has_params, hd, mesh)
+    else:
+      static = {k: settings_out[j][k] for k in ("norm", "num_steps", "restarts")}
+      key = ("attack", a, tuple(sorted(static.items())), logits_fn, has_params, hd, mesh)
+      build = lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static)
+    return _cached(key + (_signature(args),), lambda: build().lower(*args).compile(), store)
 
-  def run_stage(k: int, rows: dict) -> np.ndarray:
+  def stage_args(k: int, rows: dict) -> tuple:
     sharding = parallel.batch_sharding(mesh)
     b = state["b"]
     rows = _pad(rows, b)
@@ -315,15 +330,19 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     domain = dev["domain"] if state["has_domain"] else jax.device_put(
         np.zeros((b,), np.float32), sharding)
     j, a, rank = stages[k]
-    fn = compiled(stages[k])
-    start = time.perf_counter()
     if a == "clean":
-      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"])
-    else:
-      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
-               attack_keys[j], np.int32(rank), np.float32(eps),
-               np.float32(settings_out[j].get("step_size", 0.0)))
-    survived = np.asarray(out)[: int(rows["mask"].sum())]  # waits for the device
+      return (params_dev, dev["image"], dev["label"], domain, dev["mask"])
+    return (params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
+            attack_keys[j], np.int32(rank), np.float32(eps),
+            np.float32(settings_out[j].get("step_size", 0.0)))
+
+  def run_stage(k: int, rows: dict) -> np.ndarray:
+    j = stages[k][0]
+    args = stage_args(k, rows)
+    fn = compiled(stages[k], args)
+    start = time.perf_counter()
+    out = fn(*args)
+    survived = np.asarray(out)[: len(rows["index"])]  # waits for the device
     if j >= 0:  # where the time goes: seconds and rows per attack (compilation included)
       settings_out[j]["seconds"] = settings_out[j].get("seconds", 0.0) + (
           time.perf_counter() - start)
@@ -367,6 +386,16 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       rows["domain"] = np.asarray(batch["domain"])[keep]
     if not stages:
       setup(dict(batch, image=images, label=labels))
+      if programs is not None:
+        empty = {key: v[:0] for key, v in rows.items()}
+        empty.update(index=np.zeros(0, np.int32), key=np.zeros(0, np.int32))
+        seen: set[int] = set()
+        for k, stage in enumerate(stages):
+          fn = compiled(stage, stage_args(k, empty))
+          if id(fn) not in seen:
+            seen.add(id(fn))
+            programs.append((stage[1], fn))
+        return None
     if ("domain" in rows) != state["has_domain"]:
       raise ValueError("either every batch or none must carry 'domain'")
     pgd_lib.check_data(rows["image"], rows["label"], state["num_classes"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -130,16 +131,13 @@ def due(config: ml_collections.ConfigDict, step: int, last: bool) -> list[str]:
           if last or (e.get("every", 0) and step % e["every"] == 0)]
 
 
-def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
-             names: list[str] | None = None, workdir: str = "") -> dict[str, float]:
-  """Runs the `config.evals` entries `names` (default all) on `params`; returns the metrics
-  {'<entry>/<model>/clean_accuracy': fraction, '<entry>/<model>/robust_accuracy': fraction}."""
+def _requests(config: ml_collections.ConfigDict, model, params: Any, step: int,
+              names: list[str] | None, workdir: str):
+  """(entry name, request, row labels, rows per compiled call) of each entry in `names`."""
   from adv_soups import loading
-  params = engine.host_local(params)  # a multi-host state goes to each process's devices
   loaded = loading.LoadedModel(config=config, model=model, params=params, step=step,
                                workdir=workdir)
   evals = config.get("evals", None) or {}
-  metrics: dict[str, float] = {}
   for name in (list(evals) if names is None else names):
     entry = evals[name]
     columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
@@ -149,13 +147,23 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
         split=entry.get("split", None), num_examples=entry.get("num_examples", None),
         batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
     request.columns, request.labels = columns, labels
-    _note_clamp(name, request)
-    spec = data_lib.get_spec(request.dataset)
     rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
                               len(labels))
+    yield name, request, labels, rows
+
+
+def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
+             names: list[str] | None = None, workdir: str = "") -> dict[str, float]:
+  """Runs the `config.evals` entries `names` (default all) on `params`; returns the metrics
+  {'<entry>/<model>/clean_accuracy': fraction, '<entry>/<model>/robust_accuracy': fraction}."""
+  params = engine.host_local(params)  # a multi-host state goes to each process's devices
+  metrics: dict[str, float] = {}
+  for name, request, labels, rows in _requests(config, model, params, step, names, workdir):
+    _note_clamp(name, request)
+    spec = data_lib.get_spec(request.dataset)
     result = engine.gather(engine.evaluate_columns(
         model, params, request.batches(request.dataset, request.split, request.num_examples),
-        columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
+        request.columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
         norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
         index_offset=request.offset(request.dataset, request.split, request.num_examples)))
     for a, label in enumerate(labels):
@@ -163,6 +171,32 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
       if request.attacks:
         metrics[f"{name}/{label}/robust_accuracy"] = float(result.robust[:, a].mean())
   return metrics
+
+
+def programs(config: ml_collections.ConfigDict, model, params: Any, resident: int = 0,
+             workdir: str = "") -> list:
+  """Every entry's evaluation programs compiled ahead of time (the runs that follow execute
+  them), as `memory.Program`s: `resident` = bytes that stay on the device meanwhile (the train
+  state beyond these parameters)."""
+  from adv_soups import memory
+  params = engine.host_local(params)
+  fixed = memory.tree_bytes(params)
+  out = []
+  for name, request, _, rows in _requests(config, model, params, 0, None, workdir):
+    spec = data_lib.get_spec(request.dataset)
+    field = (f"config.evals.{name}.batch_size" if config.evals[name].get("batch_size", None)
+             else "config.eval.batch_size")
+    size = config.model.image_size
+    what = suites.describe(request.attacks, request.budgets)
+    for stage, compiled in engine.column_programs(
+        model, params, (size, size, int(config.model.channels)), request.columns,
+        attacks=request.attacks, budgets=request.budgets, eps=request.eps, norm=request.norm,
+        class_subset=spec.class_subset, seed=request.seed, batch_size=rows):
+      out.append(memory.Program(
+          name=f"periodic evaluation {name!r} ({what} at {size} px; stage {stage})",
+          compiled=compiled, field=field, value=request.batch_size, units=rows, fixed=fixed,
+          resident=resident, multiple=jax.local_device_count()))
+  return out
 
 
 def describe(config: ml_collections.ConfigDict) -> list[str]:
