@@ -15,7 +15,7 @@ import pytest
 from jax.interpreters import mlir
 
 from adv_soups import loading, parallel, train
-from adv_soups.attacks import runner, suites
+from adv_soups.attacks import registry, runner
 from adv_soups.models import create_model
 from configs import digits as digits_config
 
@@ -79,10 +79,11 @@ def stage_args(params, batch=4, num_classes=10):
           spec((), jnp.float32))
 
 
-@pytest.mark.parametrize("attack", ["clean"] + list(suites.ATTACKS))
+@pytest.mark.parametrize("attack", ["clean"] + list(registry.ATTACKS))
 def test_every_attack_stage_lowers_for_tpu_and_cuda(attack, mesh):
-  """The runner's compiled stages (soup columns: mixing-weight domains), as evaluation runs
-  them; targeted attacks are one program for every target rank (the rank is an argument)."""
+  """Every entry of the attack registry as the runner compiles it (soup columns: mixing-weight
+  domains; l_inf, the standard version's settings, budget 2); targeted attacks are one program
+  for every target rank (the rank is an argument)."""
   _, net, params = soup_model()
   from adv_soups.evaluation import engine
   logits_fn = engine.model_logits_fn(net)
@@ -91,8 +92,9 @@ def test_every_attack_stage_lowers_for_tpu_and_cuda(attack, mesh):
     fn = runner._clean_fn(logits_fn, True, True, mesh)
     args = args[:5]
   else:
-    fn = runner._attack_fn(logits_fn, True, True, mesh, attack,
-                           dict(norm="linf", num_steps=2, restarts=1))
+    settings = registry.get(attack).settings_for("linf", registry.STANDARD)
+    fn = runner._attack_fn(logits_fn, True, True, mesh, attack, "linf", 2,
+                           tuple(sorted(settings.items())))
   export_everywhere(fn, *args)
 
 
