@@ -124,3 +124,28 @@ def test_a_config_that_fits_trains_and_runs_each_program_compiled_once(data_dir,
   # shapes of a stage's last, partial call as it meets them: they need less memory).
   assert compiles(caplog, "jit(step_fn)") == 1
   assert compiles(caplog, "jit(inner)", "float32[64,8,8,1]") == 2
+
+
+@pytest.mark.slow
+def test_evaluate_and_sweep_check_their_batch(trained_run, monkeypatch, capsys):
+  from adv_soups import evaluate, sweep
+  from adv_soups.evaluation import run
+  workdir, data_dir = trained_run
+  request = sweep.plan_sweep(workdir, "0:1:3", attack="pgd", steps=2, batch_size=96,
+                             num_examples=64, data_dir=data_dir)
+  run.check_memory(request, available=2 ** 50)  # fits: compiles, says nothing
+  del request.memory_checked
+  with pytest.raises(memory.DoesNotFit, match=r"^--batch_size=96 needs ~[\d.]+ [MG]B for PGD-2 "):
+    run.check_memory(request, available=1)
+  # The command line: one line, exit 2, nothing written.
+  monkeypatch.setenv(memory.ENV_OVERRIDE, "1000")
+  before = sorted(os.walk(workdir))
+  for main, extra in ((evaluate.main, ["--domain=1"]), (sweep.main, ["--alphas=0,1"])):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+      main(["prog", f"--workdir={workdir}", "--attack=pgd", "--steps=2", "--num_examples=64",
+            f"--data_dir={data_dir}"] + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --batch_size="), err
+  assert sorted(os.walk(workdir)) == before  # nothing written
