@@ -187,11 +187,11 @@ def digits_without_sklearn():
 
 def digits_run(smoke: bool, workdir: str) -> dict:
   """A short co-training run on digits; its end-of-run PGD accuracies (n = the test split)."""
-  from adv_soups import train
+  from adv_soups import training
   config = digits_config(smoke)
   t0 = time.time()
   with digits_without_sklearn():
-    result = train.train_and_evaluate(config, workdir)
+    result = training.train_and_evaluate(config, workdir)
   n = int(config.eval.num_examples or 360)
   return dict(steps=config.train.steps, seconds=time.time() - t0, n=n,
               metrics={k: float(v) for k, v in result.eval_metrics.items()})

@@ -13,7 +13,7 @@ line per program.
 
 Programs (the standard bench model: ViT width 192, depth 6, 3 heads, MLP 768, 32x32x3, patch 4,
 10 classes, token adapters, one CPU device):
-  train  the co-training step, batch 128, PGD-2 (`train.make_train_step`).
+  train  the co-training step, batch 128, PGD-2 (`training.make_train_step`).
   eval   a periodic evaluation's PGD-20 stage on 512 rows (clean and adversarial columns).
   sweep  a sweep batch: PGD-10 on 512 rows with soup mixing weights (11 alphas' columns).
 """
@@ -37,14 +37,14 @@ def _status(field: str) -> int:
 
 
 def _config(batch: int):
-  from adv_soups import config_base, train
+  from adv_soups import config_base, training
   config = config_base.base_config()
   config.model.update(variant="Ti/4", width=192, depth=6, num_heads=3, mlp_dim=768, patch_size=4,
                       image_size=32, num_classes=10, adapter="token")
   config.data.name = "cifar10"
   config.train.update(mode="cotrain", batch_size=batch)
   config.attack.update(norm="linf", eps=4 / 255, num_steps=2)
-  return train.resolve_config(config)
+  return training.resolve_config(config)
 
 
 def measure(program: str) -> dict:
@@ -52,22 +52,22 @@ def measure(program: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from adv_soups import memory, parallel, train
+  from adv_soups import memory, parallel, training
   from adv_soups.evaluation import engine
   from adv_soups.models import create_model
   mesh = parallel.make_mesh(jax.devices()[:1])
   config = _config(128)
   model = create_model(config.model)
   if program == "train":
-    optimizer = train.make_optimizer(config.optimizer, 100)
-    state = jax.eval_shape(lambda: train.init_state(config, model, optimizer))
+    optimizer = training.make_optimizer(config.optimizer, 100)
+    state = jax.eval_shape(lambda: training.init_state(config, model, optimizer))
     batch = {"image": jax.ShapeDtypeStruct((128, 32, 32, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((128,), jnp.int32)}
-    compiled = train.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
+    compiled = training.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
     estimate = memory.compiled_bytes(compiled)
     open("/proc/self/clear_refs", "w").write("5")
     before = _status("VmRSS")
-    real_state = jax.device_put(train.init_state(config, model, optimizer),
+    real_state = jax.device_put(training.init_state(config, model, optimizer),
                                 parallel.replicated(mesh))
     real_batch = parallel.shard_batch(mesh, {
         "image": np.random.default_rng(0).uniform(0, 1, (128, 32, 32, 3)).astype(np.float32),
@@ -75,7 +75,7 @@ def measure(program: str) -> dict:
     jax.block_until_ready(compiled(real_state, real_batch))
   else:
     from adv_soups import soups
-    params_fn = lambda: train.init_state(config, model, train.make_optimizer(
+    params_fn = lambda: training.init_state(config, model, training.make_optimizer(
         config.optimizer, 100)).params
     if program == "eval":
       columns, steps = np.asarray([0, 1], np.int32), 20

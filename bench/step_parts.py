@@ -10,7 +10,7 @@ jitted and compiled ahead of time on our side and run by `bench/torch_parts.py` 
               the step runs k = 2 of them.
   param_grad  the loss and parameter gradient on the 2B-row co-training batch.
   optimizer   global-norm clipping + AdamW on those gradients.
-  step        the whole train step (`train.make_train_step`).
+  step        the whole train step (`training.make_train_step`).
 Parts alternate ours / theirs (order flipping per repetition); medians in ms, and
 torch / ours per part. Also the utilisation of XLA's own f32 matmul peak (`bench.peak`) of the
 step, measured in the same run, and the load average before and after. Prints one JSON line.
@@ -36,13 +36,13 @@ def our_parts(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from adv_soups import parallel, train
+  from adv_soups import parallel, training
   from adv_soups.models import create_model
   config = train_step.make_config(args, "cotrain")
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   rng = np.random.default_rng(0)
   b, size = args.batch, args.image_size
   x = jnp.asarray(rng.uniform(0, 1, (b, size, size, 3)).astype(np.float32))
@@ -63,7 +63,7 @@ def our_parts(args) -> dict:
   grads = pgrad(state.params)
   opt = aot(lambda g, s, p: optimizer.update(g, s, p), grads, state.opt_state, state.params)
   batch = parallel.shard_batch(mesh, {"image": np.asarray(x), "label": np.asarray(y)})
-  step = train.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
+  step = training.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
   # `step` donates its state: it runs on its own copy, the other parts keep `state`.
   holder = {"state": jax.device_put(jax.tree.map(np.asarray, state), parallel.replicated(mesh))}
 

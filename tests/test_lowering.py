@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.interpreters import mlir
 
-from adv_soups import loading, parallel, train
+from adv_soups import loading, parallel, training
 from adv_soups.attacks import registry, runner
 from adv_soups.models import create_model
 from configs import digits as digits_config
@@ -36,7 +36,7 @@ def tiny_config(**model):
   config.train.update(batch_size=16)  # 2 per device of 8: mixup pairs
   config.attack.update(num_steps=2, eps_warmup_steps=3)
   config.data.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
-  return train.resolve_config(config)
+  return training.resolve_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,12 @@ def abstract(tree):
 def test_train_step_lowers_for_tpu_and_cuda(model, mesh):
   config = tiny_config(**model)
   net = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, 10)
-  state = jax.eval_shape(lambda: train.init_state(config, net, optimizer))
+  optimizer = training.make_optimizer(config.optimizer, 10)
+  state = jax.eval_shape(lambda: training.init_state(config, net, optimizer))
   size = config.model.image_size
   batch = {"image": jax.ShapeDtypeStruct((16, size, size, 1), jnp.float32),
            "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
-  exported = export_everywhere(train.make_train_step(config, net, optimizer, mesh), state, batch)
+  exported = export_everywhere(training.make_train_step(config, net, optimizer, mesh), state, batch)
   assert exported.platforms == PLATFORMS
 
 
@@ -66,8 +66,8 @@ def test_train_step_lowers_for_tpu_and_cuda(model, mesh):
 def soup_model():
   config = tiny_config()
   net = create_model(config.model)
-  params = jax.eval_shape(lambda: train.init_state(
-      config, net, train.make_optimizer(config.optimizer, 10)).params)
+  params = jax.eval_shape(lambda: training.init_state(
+      config, net, training.make_optimizer(config.optimizer, 10)).params)
   return config, net, params
 
 

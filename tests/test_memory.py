@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_soups import memory, parallel, train, training_cli
+from adv_soups import memory, parallel, training, training_cli
 from adv_soups.attacks import runner
 from adv_soups.models import create_model
 from configs import digits as digits_config
@@ -34,12 +34,12 @@ def tiny_config(data_dir, eval_batch=64):
 
 def needs(data_dir, eval_batch):
   """[train step need, largest evaluation need] in bytes, measured by the module itself."""
-  config = train.resolve_config(tiny_config(data_dir, eval_batch))
+  config = training.resolve_config(tiny_config(data_dir, eval_batch))
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
-  programs = memory.training_programs(config, model, train.make_train_step(
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
+  programs = memory.training_programs(config, model, training.make_train_step(
       config, model, optimizer, mesh), state, mesh)
   return programs[0].needed, max(p.needed for p in programs[1:])
 
@@ -101,7 +101,7 @@ def test_evaluation_that_cannot_fit_is_refused_before_the_first_step(data_dir, t
   capsys.readouterr()  # the data set preparation's progress bars
   workdir = str(tmp_path / "run")
   with pytest.raises(SystemExit) as e:
-    training_cli.train_parsed(train.resolve_config(tiny_config(data_dir, 512)), workdir)
+    training_cli.train_parsed(training.resolve_config(tiny_config(data_dir, 512)), workdir)
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: config.eval.batch_size=512 needs ~"), err
@@ -117,7 +117,7 @@ def test_a_config_that_fits_trains_and_runs_each_program_compiled_once(data_dir,
   runner._cache.clear()  # needs() compiled the evaluation: the run must compile it once itself
   caplog.set_level(py_logging.WARNING)
   with jax.log_compiles(True):
-    result = train.train_and_evaluate(tiny_config(data_dir, 64), str(tmp_path / "run"))
+    result = training.train_and_evaluate(tiny_config(data_dir, 64), str(tmp_path / "run"))
   assert int(result.state.step) == 4 and result.eval_metrics
   # One compilation of the step and of each full-batch evaluation stage (clean, PGD), though
   # the loop ran the step 4 times and the evaluation twice (the runner compiles the smaller
