@@ -125,7 +125,7 @@ def check(programs: Sequence[Program], available: int | None = None) -> list[str
   """Checks each program's need against `available` (default `available_bytes()`).
 
   Returns the warning lines (programs within 10% of the limit). Raises `DoesNotFit` with one line
-  for the first program above it, e.g. "config.eval.batch_size=512 needs ~37.6 GB for
+  for the biggest program above it, e.g. "config.eval.batch_size=512 needs ~37.6 GB for
   periodic evaluation 'val' (PGD-20 at 224 px); 21.9 GB available: try 64".
   """
   available = available_bytes() if available is None else int(available)
