@@ -54,13 +54,14 @@ def check_memory(request: Request, available: int | None = None) -> None:
   checks them against the device's memory: `memory.DoesNotFit` (one line naming
   --batch_size with a value to try) when one cannot fit; a warning line within 10%."""
   from adv_soups import memory
+  from adv_soups.attacks import registry
   if getattr(request, "memory_checked", False):  # the command line checked it before running
     return
   loaded = request.loaded
   spec = data_lib.get_spec(request.dataset)
   rows = batch_rows(request, request.dataset, request.split, request.num_examples,
                     len(request.columns))
-  what = suites.describe(request.attacks, request.budgets)
+  what = registry.describe(request.attacks, request.budgets)
   programs = [memory.Program(name=f"{what} at {loaded.image_shape[0]} px (stage {stage})",
                              compiled=compiled, field="--batch_size", value=request.batch_size,
                              units=rows, fixed=memory.tree_bytes(loaded.params),
