@@ -98,7 +98,10 @@ def main(argv=None) -> dict:
                                                                  "torch_parts.py")],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     info = json.loads(torch.stdout.readline())
+  t0 = time.perf_counter()
   ours = our_parts(args)
+  print(f"step_parts: our parts compiled in {time.perf_counter() - t0:.0f} s; load "
+        f"{os.getloadavg()}", file=sys.stderr, flush=True)
   times = {k: {"ours": [], "torch": []} for k in PARTS}
 
   def time_ours(part):
@@ -118,6 +121,8 @@ def main(argv=None) -> dict:
       for fn in order:
         if fn is time_ours or torch:
           fn(part)
+      print(f"step_parts: rep {rep} {part} " + json.dumps(times[part]), file=sys.stderr,
+            flush=True)
   if torch:
     torch.stdin.write("quit\n")
     torch.stdin.flush()
