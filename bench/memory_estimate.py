@@ -14,7 +14,8 @@ line per program.
 Programs (the standard bench model: ViT width 192, depth 6, 3 heads, MLP 768, 32x32x3, patch 4,
 10 classes, token adapters, one CPU device):
   train  the co-training step, batch 128, PGD-2 (`training.make_train_step`).
-  eval   a periodic evaluation's PGD-20 stage on 512 rows (clean and adversarial columns).
+  eval   a periodic evaluation's PGD-20 stage on 512 rows (clean and adversarial columns),
+         every row attacked (labels = its own prediction, so the compaction drops none).
   sweep  a sweep batch: PGD-10 on 512 rows with soup mixing weights (11 alphas' columns).
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ def measure(program: str) -> dict:
     jax.block_until_ready(compiled(real_state, real_batch))
   else:
     from adv_soups import soups
+    from adv_soups.attacks import runner
     params_fn = lambda: training.init_state(config, model, training.make_optimizer(
         config.optimizer, 100)).params
     if program == "eval":
@@ -92,14 +94,21 @@ def measure(program: str) -> dict:
     params_bytes = memory.tree_bytes(params)
     open("/proc/self/clear_refs", "w").write("5")
     before = _status("VmRSS") - params_bytes  # the parameters are arguments of the estimate
+    # (the labelling forward pass below is far smaller than the attack's stage)
+    # Every row attacked at the full batch: labels are each row's own prediction (clean-correct
+    # rows only go on to the attack), and the rows fill whole 512-row calls.
     rng = np.random.default_rng(0)
-    n = 512 // len(columns) + 1
-    batch = {"image": rng.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, (n,)).astype(np.int32)}
-    rows = engine.evaluate_columns(model, params, [batch], columns, attacks=("pgd",),
-                                   budgets={"pgd": steps}, eps=4 / 255, mesh=mesh,
-                                   batch_size=512)
-    assert rows.num_examples == n
+    n = -(-512 // len(columns))
+    rows = engine.expand({"image": rng.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32),
+                          "label": np.zeros((n,), np.int32),
+                          "key": np.arange(n, dtype=np.int32)}, columns)
+    logits_fn = engine.model_logits_fn(model)
+    rows["label"] = np.asarray(jnp.argmax(jax.jit(logits_fn)(params, rows["image"],
+                                                             rows["domain"]), -1), np.int32)
+    result = runner.robust_accuracy(logits_fn, [rows], eps=4 / 255, attacks=("pgd",),
+                                    num_steps={"pgd": steps}, params=params, mesh=mesh,
+                                    batch_size=512)
+    assert result.clean_accuracy == 1.0
   real = _status("VmHWM") - before
   return dict(program=program, estimate_bytes=estimate, real_peak_bytes=real,
               estimate_over_real=estimate / max(real, 1))
