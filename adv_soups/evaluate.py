@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     request = plan_one(v.workdir, alpha=v.alpha, domain=v.domain, **kwargs)
     grid = parse_eps_grid(v.eps_grid, request.norm)
+    run.check_memory(request)  # memory.DoesNotFit is a ValueError: one line, exit 2
   except (ValueError, FileNotFoundError) as e:
     cli.fail(str(e))
   report = run.run_request(request, kind="eval", out_dir=v.out_dir, chunk_batches=v.save_every,

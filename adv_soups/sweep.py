@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     request = plan_sweep(v.workdir, v.alphas, extrapolate=v.extrapolate,
                          select_alpha_on=v.select_alpha_on, **kwargs)
+    run.check_memory(request)  # memory.DoesNotFit is a ValueError: one line, exit 2
   except (ValueError, FileNotFoundError) as e:
     cli.fail(str(e))
   primary = parallel.is_primary()  # one copy of the notes and the table on a multi-process run

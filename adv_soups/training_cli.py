@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adv_soups import parallel, preemption, training
+from adv_soups import memory, parallel, preemption, training
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
 from adv_soups.numbers import fractions_to_numbers
@@ -111,6 +111,8 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
   quiet_logging()
   try:
     result = training.train_and_evaluate(config, workdir)
+  except memory.DoesNotFit as e:  # refused before the first step, nothing written
+    fail(str(e))
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
       traceback.print_exc()      # the others, which wait in a collective for us: fail now

@@ -195,7 +195,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
                     num_steps: int | dict[str, int] | None = None, restarts: int | None = None,
                     step_size: float | None = None, num_targets: int | None = None,
                     mesh=None, seed: int = 0, params: Any = None, batch_size: int | None = None,
-                    index_offset: int = 0, version: str = registry.STANDARD) -> RobustResult:
+                    index_offset: int = 0, version: str = registry.STANDARD,
+                    programs: list | None = None) -> RobustResult | None:
   """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
 
   Args:
@@ -238,6 +239,10 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       multiple of the number of devices. A stage's last, partial call is padded only to
       `flush_size` rows.
     version: the suite version whose per-norm settings the attacks use ('standard').
+    programs: a list to fill instead of running (the memory check): each distinct stage
+      program, compiled ahead of time for full batches of the first batch's shapes, is appended
+      as (stage name, `jax.stages.Compiled`) and None is returned. They stay in the cache (with
+      `params`), so a later call with the same shapes executes these very objects.
 
   Returns:
     A `RobustResult` (accuracies, per-example flags, and each attack's settings: budget,
@@ -371,21 +376,25 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
         return size if size == target or (size - target) * row_cost < compile_cost else target
     return target
 
-  def run_stage(k: int, rows: dict) -> np.ndarray:
+  def stage_args(k: int, rows: dict, size: int) -> tuple:
+    """The arguments of stage k's compiled call on `rows` padded to `size` rows."""
     sharding = parallel.batch_sharding(mesh)
-    n = len(rows["index"])
-    size = call_size(k, n)
     rows = _pad(rows, size)
     dev = {key: jax.device_put(v, sharding) for key, v in rows.items()}
     domain = dev["domain"] if state["has_domain"] else jax.device_put(
         np.zeros((size,), np.float32), sharding)
     j, a, rank = stages[k]
     if a == "clean":
-      args = (params_dev, dev["image"], dev["label"], domain, dev["mask"])
-    else:
-      args = (params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
-              attack_keys[j], np.int32(rank), np.float32(eps),
-              np.float32(0.0 if step_size is None else step_size))
+      return (params_dev, dev["image"], dev["label"], domain, dev["mask"])
+    return (params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
+            attack_keys[j], np.int32(rank), np.float32(eps),
+            np.float32(0.0 if step_size is None else step_size))
+
+  def run_stage(k: int, rows: dict) -> np.ndarray:
+    n = len(rows["index"])
+    size = call_size(k, n)
+    args = stage_args(k, rows, size)
+    j = stages[k][0]
     fn = compiled(stages[k], args)
     start = time.perf_counter()
     out = fn(*args)
@@ -433,6 +442,14 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       rows["domain"] = np.asarray(batch["domain"])[keep]
     if not stages:
       setup(dict(batch, image=images, label=labels))
+      if programs is not None:
+        empty = {key: v[:0] for key, v in rows.items()}
+        empty.update(index=np.zeros(0, np.int32), key=np.zeros(0, np.int32))
+        for k, stage in enumerate(stages):
+          fn = compiled(stage, stage_args(k, empty, state["b"]))
+          if all(fn is not other for _, other in programs):
+            programs.append((stage[1], fn))
+        return None
     if ("domain" in rows) != state["has_domain"]:
       raise ValueError("either every batch or none must carry 'domain'")
     pgd_lib.check_data(rows["image"], rows["label"], state["num_classes"])

@@ -246,6 +246,30 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
                       attacks=settings)
 
 
+def column_programs(model, params: Any, image_shape: Sequence[int], domains: np.ndarray, *,
+                    attacks: Sequence[str] = (), budgets: dict[str, int] | None = None,
+                    eps: float = 0.0, norm: str = "linf",
+                    class_subset: Sequence[int] | None = None, mesh=None, seed: int = 0,
+                    batch_size: int) -> list[tuple[str, Any]]:
+  """The distinct programs `evaluate_columns` runs for batches of `batch_size` rows of images
+  [H, W, C] (same arguments), compiled ahead of time and left in the runner's cache, so the
+  evaluation that follows executes these objects: [(stage name, `jax.stages.Compiled`)]."""
+  params = host_local(params)
+  subset = None if class_subset is None else tuple(int(c) for c in class_subset)
+  mesh = mesh or parallel.make_mesh(jax.local_devices())
+  label = 0 if subset is None else subset[0]
+  batch = dict(image=np.zeros((1,) + tuple(image_shape), np.float32),
+               label=np.full((1,), label, np.int32), key=np.zeros((1,), np.int32))
+  rows = expand(batch, np.asarray(domains))
+  if subset is not None:
+    rows["label"], _ = remap_labels(rows["label"], subset)
+  programs: list[tuple[str, Any]] = []
+  robust_accuracy(model_logits_fn(model, subset), [rows], eps=eps, norm=norm,
+                  attacks=tuple(attacks), num_steps=dict(budgets or {}) or None, params=params,
+                  mesh=mesh, seed=seed, batch_size=batch_size, programs=programs)
+  return programs
+
+
 def evaluate_request(request, dataset: str | None = None, split: str | None = None,
                      num_examples: int | None = None, *, columns: np.ndarray | None = None,
                      attack: bool = True, wrap=None, store: ChunkStore | None = None,

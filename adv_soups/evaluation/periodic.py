@@ -50,6 +50,22 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
   return metrics
 
 
+def programs(config: ml_collections.ConfigDict, model, params: Any, resident: int = 0,
+             workdir: str = "") -> list:
+  """Every entry's evaluation programs compiled ahead of time (the runs that follow execute
+  them), as `memory.Program`s, from the evaluators that offer `programs(where, entry, config,
+  model, params, resident, workdir)`; `resident` = bytes that stay on the device meanwhile (the
+  train state beyond these parameters)."""
+  params = engine.host_local(params)
+  out = []
+  for name, entry in (config.get("evals", None) or {}).items():
+    kind = evaluators.get(evaluators.type_of(entry))
+    if callable(getattr(kind, "programs", None)):
+      out.extend(kind.programs(f"config.evals.{name}", entry, config, model, params, resident,
+                               workdir))
+  return out
+
+
 def describe(config: ml_collections.ConfigDict) -> list[str]:
   """One line per entry: what it measures and how often."""
   out = []

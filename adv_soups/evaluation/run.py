@@ -49,6 +49,34 @@ def _corruption(name: str) -> str:
 batch_rows = engine.batch_rows  # (its old home)
 
 
+def check_memory(request: Request, available: int | None = None) -> None:
+  """Compiles the main dataset's evaluation programs ahead of time (the run executes them) and
+  checks them against the device's memory: `memory.DoesNotFit` (one line naming
+  --batch_size with a value to try) when one cannot fit; a warning line within 10%."""
+  from adv_soups import memory
+  from adv_soups.attacks import registry
+  if getattr(request, "memory_checked", False):  # the command line checked it before running
+    return
+  loaded = request.loaded
+  spec = data_lib.get_spec(request.dataset)
+  rows = batch_rows(request, request.dataset, request.split, request.num_examples,
+                    len(request.columns))
+  what = registry.describe(request.attacks, request.budgets)
+  programs = [memory.Program(name=f"{what} at {loaded.image_shape[0]} px (stage {stage})",
+                             compiled=compiled, field="--batch_size", value=request.batch_size,
+                             units=rows, fixed=memory.tree_bytes(loaded.params),
+                             multiple=jax.local_device_count())
+              for stage, compiled in engine.column_programs(
+                  loaded.model, loaded.params, loaded.image_shape, request.columns,
+                  attacks=request.attacks, budgets=request.budgets, eps=request.eps,
+                  norm=request.norm, class_subset=spec.class_subset, seed=request.seed,
+                  batch_size=rows)]
+  for line in memory.check(programs, available):
+    logging.warning("%s", line)
+    print(f"warning: {line}", file=sys.stderr)
+  request.memory_checked = True
+
+
 def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = None,
                 progress: bool = True, write: bool = True, chunk_batches: int = 32,
                 run_checks: bool = True, eps_grid: list[float] | None = None) -> dict:
@@ -62,6 +90,7 @@ def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = N
   with a warning when it rises with eps (recorded in the report as 'eps_grid').
   """
   start = time.time()
+  check_memory(request)  # before anything is written
   loaded = request.loaded
   out_dir = out_dir or os.path.join(loaded.workdir, kind)
   name = request.name(kind)

@@ -99,13 +99,11 @@ def check(where: str, entry: Any, config: ml_collections.ConfigDict) -> None:
                      f"{config.attack.norm}")
 
 
-def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
-             step: int, workdir: str = "") -> Iterator[tuple[str, float]]:
-  """Yields ('<model>/clean_accuracy', fraction) and, with an attack, ('<model>/robust_accuracy',
-  fraction) for each model of `entry.domains`, on host-local `params`."""
+def _request(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
+             step: int, workdir: str):
+  """(request, row labels, rows per compiled call, data spec) of one entry."""
   from adv_soups import data as data_lib
   from adv_soups import loading
-  from adv_soups.evaluation import engine
   from adv_soups.evaluation import requests as requests_lib
   from adv_soups.evaluation import run as run_lib
   loaded = loading.LoadedModel(config=config, model=model, params=params, step=step,
@@ -117,19 +115,49 @@ def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
       split=entry.get("split", None), num_examples=entry.get("num_examples", None),
       batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
   request.columns, request.labels = columns, labels
-  _note_clamp(where, request)
-  spec = data_lib.get_spec(request.dataset)
   rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
                             len(labels))
+  return request, labels, rows, data_lib.get_spec(request.dataset)
+
+
+def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
+             step: int, workdir: str = "") -> Iterator[tuple[str, float]]:
+  """Yields ('<model>/clean_accuracy', fraction) and, with an attack, ('<model>/robust_accuracy',
+  fraction) for each model of `entry.domains`, on host-local `params`."""
+  from adv_soups.evaluation import engine
+  request, labels, rows, spec = _request(where, entry, config, model, params, step, workdir)
+  _note_clamp(where, request)
   result = engine.gather(engine.evaluate_columns(
       model, params, request.batches(request.dataset, request.split, request.num_examples),
-      columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
+      request.columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
       norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
       index_offset=request.offset(request.dataset, request.split, request.num_examples)))
   for a, label in enumerate(labels):
     yield f"{label}/clean_accuracy", float(result.clean_correct[:, a].mean())
     if request.attacks:
       yield f"{label}/robust_accuracy", float(result.robust[:, a].mean())
+
+
+def programs(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
+             resident: int = 0, workdir: str = "") -> list:
+  """This entry's stage programs compiled ahead of time for full batches, as `memory.Program`s
+  (the memory check; the evaluation then executes these very objects from the runner's cache)."""
+  import jax
+  from adv_soups import memory
+  from adv_soups.evaluation import engine
+  request, _, rows, spec = _request(where, entry, config, model, params, 0, workdir)
+  field = f"{where}.batch_size" if entry.get("batch_size", None) else "config.eval.batch_size"
+  size = config.model.image_size
+  what = registry.describe(request.attacks, request.budgets)
+  fixed = memory.tree_bytes(params)
+  return [memory.Program(
+      name=f"periodic evaluation {where!r} ({what} at {size} px; stage {stage})",
+      compiled=compiled, field=field, value=request.batch_size, units=rows, fixed=fixed,
+      resident=resident, multiple=jax.local_device_count())
+      for stage, compiled in engine.column_programs(
+          model, params, (size, size, int(config.model.channels)), request.columns,
+          attacks=request.attacks, budgets=request.budgets, eps=request.eps, norm=request.norm,
+          class_subset=spec.class_subset, seed=request.seed, batch_size=rows)]
 
 
 def describe(entry: Any, config: ml_collections.ConfigDict) -> str:

@@ -21,6 +21,7 @@ from etils import epath
 from absl import logging
 
 from adv_soups import checkpoints as ckpt_lib
+from adv_soups import memory as memory_lib
 from adv_soups import data as data_lib
 from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
 from adv_soups import writers as writers_lib
@@ -114,13 +115,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains per `config` (resolved or not) in `workdir`, resuming from its latest checkpoint."""
   config = resolve_config(config)
   mesh = mesh or parallel.make_mesh()
-  if jax.process_index() == 0:
-    workdir_lib.save_config(workdir, config)
   train_cfg = config.train
   model = create_model(config.model)
   optimizer = make_optimizer(config.optimizer, train_cfg.steps, train_cfg.get("trainable", "all"))
-  train_step = make_train_step(config, model, optimizer, mesh)
   state = jax.device_put(init_state(config, model, optimizer), parallel.replicated(mesh))
+  # Compiled ahead of time and checked against the device's memory before anything is written
+  # (memory.DoesNotFit, one line); the loop runs this compiled object.
+  train_step = memory_lib.check_training(config, model, make_train_step(config, model, optimizer,
+                                                                         mesh), state, mesh, workdir)
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir, config)
   train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
                                        seed=config.seed)
   manager = ckpt_lib.Checkpoints(workdir, max_to_keep=train_cfg.keep_checkpoints)
