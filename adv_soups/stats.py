@@ -24,6 +24,14 @@ def wilson_interval(accuracy, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray
   return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
+def percent_interval(values, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(accuracies %, lower errors %, upper errors %) of fractions `values` on `n` examples each:
+  what matplotlib's `errorbar(..., yerr=(lower, upper))` takes."""
+  p = np.asarray(values, np.float64)
+  low, high = wilson_interval(p, n)
+  return 100 * p, 100 * (p - low), 100 * (high - p)
+
+
 def differ_beyond_noise(a: float, b: float, n: int, z: float = Z95) -> bool:
   """Whether accuracies `a` and `b` (fractions, each on n examples) differ by more than their
   95% intervals allow: the intervals do not overlap (a conservative test)."""

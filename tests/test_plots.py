@@ -76,3 +76,41 @@ def test_every_point_of_both_panels_has_its_interval_drawn():
 def test_png_renders():
   png = reports.to_png(sweep_report([0.9, 0.8], [0.1, 0.5]))
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_plot_draws_each_runs_interval_and_the_soup_curves(tmp_path, monkeypatch):
+  from matplotlib import pyplot as plt
+  from adv_soups.experiments import adapters
+  kept = []
+  monkeypatch.setattr(plt, "close", kept.append)
+  runs = [adapters.Run("clean", "none", 0), adapters.Run("cotrain", "token", 0)]
+  soup = [dict(alpha=a, clean_accuracy=0.98 - 0.01 * a, robust_accuracy=0.5 + 0.3 * a)
+          for a in (0.0, 0.5, 1.0)]
+  records = {runs[0].name: {"figures": dict(clean_accuracy=0.99, robust_accuracy=0.1,
+                                            num_examples=N, per_domain_params=0,
+                                            total_params=100)},
+             runs[1].name: {"figures": dict(clean_accuracy=0.98, robust_accuracy=0.8,
+                                            num_examples=N, soup=soup, per_domain_params=32,
+                                            total_params=132)}}
+  summary = adapters.summarize(runs, records, token_per_domain=32)
+  adapters.plot(summary, records, runs, str(tmp_path / "a.png"), "t")
+  (fig,) = kept
+  (ax,) = fig.axes
+  points = {}  # (x, y) of each one-point container -> its (x, y) interval segments
+  for container in ax.containers:
+    xs, ys = container.lines[0].get_data()
+    if len(xs) == 1:
+      points.setdefault((round(float(xs[0]), 6), round(float(ys[0]), 6)), []).append(
+          _bars(container))  # the run's point, and the mean's (std over seeds) where they meet
+    elif len(xs) == len(soup):  # the soup curve: an interval at every alpha
+      xbars, ybars = _bars(container)
+      assert len(xbars.get_segments()) == len(ybars.get_segments()) == len(soup)
+  for fig_ in (records[r.name]["figures"] for r in runs):
+    drawn = points[(round(100 * fig_["clean_accuracy"], 6), round(100 * fig_["robust_accuracy"], 6))]
+    want = [100 * np.asarray(stats.wilson_interval(fig_[f"{k}_accuracy"], N))
+            for k in ("clean", "robust")]
+    got = [[sorted(b.get_segments()[0][:, axis]) for axis, b in enumerate(bars)]
+           for bars in drawn if len(bars) == 2]
+    assert any(np.allclose(g, want) for g in got), (got, want)
+  monkeypatch.undo()
+  plt.close(fig)

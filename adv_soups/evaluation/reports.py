@@ -170,13 +170,6 @@ def to_png(report: dict) -> bytes:
   return buf.getvalue()
 
 
-def _interval_bars(values: list[float], n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(accuracies %, lower errors %, upper errors %) of fractions `values` on `n` examples."""
-  p = np.asarray(values, np.float64)
-  low, high = stats.wilson_interval(p, n)
-  return 100 * p, 100 * (p - low), 100 * (high - p)
-
-
 def _axis_limits(centres: np.ndarray, lower: np.ndarray, upper: np.ndarray,
                  factor: float = 3.0, floor: float = 5.0) -> tuple[float, float]:
   """Axis limits (%) holding every interval, spanning at least `factor` x the widest interval
@@ -198,8 +191,8 @@ def figure(report: dict):
   rows = report["results"]
   n = report["num_examples"]
   alphas = [0.0 if r["alpha"] is None else r["alpha"] for r in rows]
-  clean = _interval_bars([r["clean_accuracy"] for r in rows], n)
-  robust = (_interval_bars([r["robust_accuracy"] for r in rows], n)
+  clean = stats.percent_interval([r["clean_accuracy"] for r in rows], n)
+  robust = (stats.percent_interval([r["robust_accuracy"] for r in rows], n)
             if report["attack"]["names"] else None)
   fig, axes = plt.subplots(1, 2 if robust else 1, figsize=(11 if robust else 5.5, 4.2),
                            squeeze=False)
@@ -213,7 +206,7 @@ def figure(report: dict):
   for group in report["shifts"]:
     counts = report["shifts"][group].get("num_examples") or n  # {dataset: n}: the mean over
     counts = sum(counts.values()) if isinstance(counts, dict) else counts  # them, pooled
-    shifted = _interval_bars([r["shifts"][group] for r in rows], counts)
+    shifted = stats.percent_interval([r["shifts"][group] for r in rows], counts)
     ax.errorbar(alphas, shifted[0], yerr=shifted[1:], fmt="^--", capsize=3, label=group)
     drawn.append(shifted)
   ax.set_ylim(*_axis_limits(*(np.concatenate(parts) for parts in zip(*drawn))))
