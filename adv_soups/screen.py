@@ -30,8 +30,19 @@ def quiet_libraries() -> None:
     tfds.disable_progress_bar()
   except ImportError:  # pragma: no cover (installed with the package)
     pass
-  for name in ("tensorflow_datasets", "tensorflow", "orbax", "etils", "absl.logging"):
+  for name in ("tensorflow_datasets", "tensorflow", "orbax", "etils"):
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  absl_logger = py_logging.getLogger("absl")  # what libraries log through absl lands here
+  if not any(isinstance(f, _LibraryChatter) for f in absl_logger.filters):
+    absl_logger.addFilter(_LibraryChatter())
+
+
+class _LibraryChatter(py_logging.Filter):
+  """Drops the libraries' (TFDS, orbax, etils, TF) absl records below ERROR."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.ERROR or not any(
+        n in record.pathname for n in NOISY_LOGGERS[:4])
 
 
 class _PlainWarnings(py_logging.Handler):
@@ -134,6 +145,61 @@ def format_duration(seconds: float) -> str:
   if seconds < 3600:
     return f"{seconds // 60}m{seconds % 60:02d}s"
   return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+class PlainTicker:
+  """tqdm's `update` / `set_postfix_str` / `write` / `close` as plain lines for a pipe, a CI log
+  or a SLURM file: 'sweep: 4/11 batch (36%), 21s elapsed, ETA 29s, digits' at most every
+  `every_s` seconds and at the end; never a carriage return."""
+
+  def __init__(self, total: int | None, desc: str, unit: str, stream: TextIO,
+               every_s: float = 30.0):
+    self.total, self.desc, self.unit, self.stream, self.every_s = total, desc, unit, stream, every_s
+    self.n, self.postfix = 0, ""
+    self._t0 = self._last = time.time()
+    self._printed_at = -1
+
+  def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+    del refresh
+    self.postfix = text
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    if time.time() - self._last >= self.every_s or (self.total and self.n >= self.total):
+      self._line()
+
+  def _line(self) -> None:
+    if self._printed_at == self.n:
+      return
+    self._printed_at, self._last = self.n, time.time()
+    elapsed = time.time() - self._t0
+    done = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+    if self.total:
+      done += f" ({100 * self.n // self.total}%)"
+    eta = ""
+    if self.total and 0 < self.n < self.total:
+      eta = f", ETA {format_duration(elapsed * (self.total - self.n) / self.n)}"
+    tail = f", {self.postfix}" if self.postfix else ""
+    print(f"{self.desc}: {done}, {format_duration(elapsed)} elapsed{eta}{tail}",
+          file=self.stream, flush=True)
+
+  def write(self, line: str, file: TextIO | None = None) -> None:
+    print(line, file=file or self.stream, flush=True)
+
+  def close(self) -> None:
+    if self.n:
+      self._line()
+
+
+def progress_bar(total: int | None, desc: str, unit: str, *, enabled: bool = True,
+                 stream: TextIO | None = None):
+  """A tqdm bar on a terminal, a `PlainTicker` elsewhere, a silent tqdm when not `enabled`."""
+  from tqdm import tqdm
+  stream = sys.stderr if stream is None else stream
+  if enabled and not interactive(stream):
+    return PlainTicker(total, desc, unit, stream)
+  return tqdm(total=total, desc=desc, unit=unit, file=stream, disable=not enabled,
+              dynamic_ncols=True)
 
 
 # Train metrics shown on the bar / line, and their short names.

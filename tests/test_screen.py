@@ -69,3 +69,30 @@ def test_absl_goes_to_the_log_file_and_warnings_reach_the_screen_as_one_line(tmp
     assert "an info line 7" in text and ABSL_LINE.search(text)
   finally:
     screen.log_to_screen()
+
+
+def test_plain_ticker_off_a_terminal():
+  out = io.StringIO()
+  bar = screen.progress_bar(4, "sweep", "batch", stream=out)
+  assert isinstance(bar, screen.PlainTicker)
+  bar.every_s = 3600
+  for _ in range(4):
+    bar.set_postfix_str("digits")
+    bar.update(1)
+  bar.close()
+  lines = out.getvalue().splitlines()
+  assert "\r" not in out.getvalue() and len(lines) == 1
+  assert lines[0].startswith("sweep: 4/4 batch (100%), ") and lines[0].endswith(", digits")
+
+
+def test_preparing_digits_prints_one_line_and_no_tfds_banner(tmp_path, capfd):
+  from absl import flags
+  from adv_soups.data import digits
+  screen.quiet_libraries()
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  digits.prepare_digits(str(tmp_path / "tfds"))
+  out, err = capfd.readouterr()
+  assert out == ""
+  assert err.strip().splitlines() == [
+      f"preparing the bundled digits data set (1,797 images, once) in {tmp_path / 'tfds'}"]
