@@ -114,3 +114,16 @@ def test_experiment_plot_draws_each_runs_interval_and_the_soup_curves(tmp_path, 
     assert any(np.allclose(g, want) for g in got), (got, want)
   monkeypatch.undo()
   plt.close(fig)
+
+
+def test_demo_summary_says_whether_clean_accuracy_moved_beyond_noise():
+  from adv_soups import demo
+  clean = [0.9806, 0.9833, 0.9806, 0.9833, 0.9861, 0.9833, 0.9833, 0.9833, 0.9833, 0.9861, 0.9861]
+  robust = [0.5306, 0.5528, 0.5611, 0.5889, 0.6417, 0.6722, 0.725, 0.7583, 0.7694, 0.7722, 0.775]
+  lines = demo.summary_lines(sweep_report(clean, robust))
+  assert lines[0].startswith("clean mode (alpha 0): clean accuracy 98.1%, robust accuracy 53.1%")
+  assert lines[1].startswith("robust mode (alpha 1): clean accuracy 98.6%, robust accuracy 77.5%")
+  assert "clean accuracy spans 98.1%-98.6%: within sampling noise" in lines[2]
+  assert "robust accuracy spans 53.1%-77.5%: more than sampling noise" in lines[3]
+  moved = demo.summary_lines(sweep_report([0.98, 0.80], [0.1, 0.5]))
+  assert "clean accuracy spans 80.0%-98.0%: more than sampling noise" in moved[2]
