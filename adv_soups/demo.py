@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
   print("[demo] 1/2 co-training a tiny ViT on the bundled digits", flush=True)
   values = training_cli.define_flags(DEMO_FLAGS)  # the training flags (multi-process too) + ours
   config, workdir = training_cli.parse_command_line(argv, values)
-  training_cli.train_parsed(config, workdir, overwrite=values.overwrite)
+  training_cli.train_parsed(config, workdir, overwrite=values.overwrite, verbose=values.verbose)
   print(f"[demo] trained in {time.time() - start:.0f} s", flush=True)
   print(f"[demo] 2/2 adversarial model soups: 11 alphas, {values.attack}", flush=True)
   request = requests.make_request(workdir, alphas=[i / 10 for i in range(11)],

@@ -113,6 +113,22 @@ def check_room(workdir: str, needed: int) -> None:
                    f"{megabytes(needed)}: free some space or use another --workdir", step=-1)
 
 
+def saved_step_bytes(checkpoint_dir: str, data_state_dir: str) -> int:
+  """Bytes of the newest complete step in `checkpoint_dir` plus its input-pipeline state in
+  `data_state_dir`/<step> (0 when there is none, or for object stores)."""
+  if "://" in checkpoint_dir or not os.path.isdir(checkpoint_dir):
+    return 0
+  steps = [int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()]
+  if not steps:
+    return 0
+  step = str(max(steps))
+  total = 0
+  for root in (os.path.join(checkpoint_dir, step), os.path.join(data_state_dir, step)):
+    for directory, _, files in os.walk(root):
+      total += sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+  return total
+
+
 def remove_partial_saves(checkpoint_dir: str) -> list[str]:
   """Removes `<step>.orbax-checkpoint-tmp*` left in `checkpoint_dir` by a save that did not
   finish; returns what it removed. Only the workdir's lock holder may call this."""
