@@ -90,3 +90,17 @@ def test_heartbeat_is_refreshed_and_never_overwrites_a_new_holder(tmp_path):
   assert json.loads((tmp_path / ".lock").read_text())["token"] == "someone-else"
   lock.release()  # not ours any more: left in place
   assert json.loads((tmp_path / ".lock").read_text())["token"] == "someone-else"
+
+
+def test_overwrite_moves_the_run_aside_but_not_the_lock(tmp_path):
+  from adv_soups import workdir as workdir_lib
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  try:
+    assert workdir_lib.move_aside(str(tmp_path)) is None  # only the lock: nothing to move
+    (tmp_path / "config.json").write_text("{}")
+    moved = workdir_lib.move_aside(str(tmp_path))
+    assert os.listdir(moved) == ["config.json"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "previous_runs"]
+  finally:
+    lock.release()
