@@ -74,6 +74,14 @@ def _write_line(stream: TextIO, line: str) -> None:
     print(line, file=stream, flush=True)
 
 
+_opened: list[TextIO] = []  # the log files log_to_file opened (only those are ever closed)
+
+
+def _close_opened() -> None:
+  while _opened:
+    _opened.pop().close()
+
+
 def log_to_file(path: str | None, verbose: bool = False) -> str | None:
   """Routes absl's log (INFO and above) to the file `path` (appended; None: nowhere) instead of
   the screen; `verbose` also shows it on stderr as today. Warnings and errors from our code still
@@ -90,10 +98,9 @@ def log_to_file(path: str | None, verbose: bool = False) -> str | None:
     stream: TextIO = open(path, "a", buffering=1)  # pylint: disable=consider-using-with
   else:
     stream = open(os.devnull, "w")  # pylint: disable=consider-using-with
-  previous = handler.python_handler.stream
+  _close_opened()
+  _opened.append(stream)
   handler.python_handler.stream = stream
-  if previous not in (sys.stderr, sys.stdout, None) and hasattr(previous, "close"):
-    previous.close()
   flags.FLAGS.alsologtostderr = bool(verbose)
   flags.FLAGS.stderrthreshold = "fatal"
   root = py_logging.getLogger()
@@ -108,11 +115,8 @@ def log_to_file(path: str | None, verbose: bool = False) -> str | None:
 def log_to_screen() -> None:
   """Undoes `log_to_file`: absl logs to stderr again (as before any program ran)."""
   from absl import logging
-  handler = logging.get_absl_handler()
-  stream = handler.python_handler.stream
-  handler.python_handler.stream = sys.stderr
-  if stream not in (sys.stderr, sys.stdout, None) and hasattr(stream, "close"):
-    stream.close()
+  logging.get_absl_handler().python_handler.stream = sys.stderr
+  _close_opened()
   root = py_logging.getLogger()
   for h in list(root.handlers):
     if isinstance(h, _PlainWarnings):

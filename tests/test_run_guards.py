@@ -38,7 +38,8 @@ def _argv(workdir, data_dir, *extra):
           "--config.model.width=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
           "--config.train.batch_size=32", "--config.attack.num_steps=1",
           "--config.evals.val.every=0", "--config.eval.num_examples=32",
-          "--config.eval.batch_size=32", "--config.eval.attack_steps=1", *extra]
+          "--config.eval.batch_size=32", "--config.eval.attack_steps=1",
+          "--config.evals.val.attack=none", *extra]
 
 
 def _live_lock(workdir, pid):
