@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adv_soups import cli, disk_space, parallel, preemption, screen, train, workdir_lock
+from adv_soups import cli, disk_space, parallel, preemption, screen, training, workdir_lock
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
@@ -100,7 +100,7 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
   if raw_config is None or not values.workdir:
     fail("both --config=configs/NAME.py and --workdir=DIR are required")
   try:
-    config = train.resolve_config(raw_config)
+    config = training.resolve_config(raw_config)
     data_lib.check_available(config.data)
   except (ValueError, OSError) as e:  # OSError: a missing config file or data set
     fail(" ".join(str(e).split()))
@@ -124,12 +124,12 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
   the workdir (one line, exit 2) and its free space (one line, exit 74); removes partial saves a
   crash left; sends the absl log to WORKDIR/train.log (the screen too with `verbose`); trains with
   a progress bar; exits 74 with one line when a save fails for lack of space, 75 after one line
-  on SIGTERM. Returns the `train.TrainResult` of a finished run; the lock is released on return
+  on SIGTERM. Returns the `training.TrainResult` of a finished run; the lock is released on return
   and on every exit."""
   lock = hold_workdir(workdir)
   try:
     try:
-      train.prepare_workdir(config, workdir, overwrite=overwrite)
+      training.prepare_workdir(config, workdir, overwrite=overwrite)
     except ValueError as e:
       fail(str(e))
     check_room(config, workdir)
@@ -137,7 +137,7 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
       disk_space.remove_partial_saves(ckpt_lib.checkpoint_dir(workdir))
     screen.log_to_file(screen.log_path(workdir, jax.process_index()), verbose=verbose)
     try:
-      result = train.train_and_evaluate(config, workdir, show_progress=True)
+      result = training.train_and_evaluate(config, workdir, show_progress=True)
     except disk_space.DiskFull as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(disk_space.EXIT_DISK_FULL)
@@ -148,10 +148,8 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
         os._exit(1)
       raise
     if result.preempted_at is not None:
-      print(f"preempted: process {jax.process_index()} saved step {result.preempted_at} of "
-            f"{config.train.steps} in {workdir}; run the same command to resume",
-            file=sys.stderr, flush=True)
-      sys.exit(preemption.EXIT_PREEMPTED)
+      preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
+                                jax.process_index())
     return result
   finally:
     if lock is not None:
