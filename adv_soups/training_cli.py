@@ -14,7 +14,7 @@ import traceback
 
 import jax
 import ml_collections
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from adv_soups import cli, disk_space, parallel, preemption, screen, training, workdir_lock
@@ -42,17 +42,6 @@ def define_flags(extra: tuple = ()) -> flags.FlagValues:
   for kind, name, default, help_text in extra:
     getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=values)
   return values
-
-
-def quiet_logging() -> None:
-  """INFO logs from us and clu; only warnings from the chatty libraries (orbax, TFDS, TF)."""
-  import logging as py_logging
-  logging.set_verbosity(logging.INFO)
-  logging.use_absl_handler()
-  noisy = ("orbax", "tensorflow_datasets", "tensorflow/", "etils")
-  quiet = lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy)
-  for handler in py_logging.getLogger().handlers:
-    handler.addFilter(quiet)
 
 
 def fractions_to_numbers(argv: list[str]) -> list[str]:

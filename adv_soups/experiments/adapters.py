@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from adv_soups import cli
 from adv_soups import preemption
-from adv_soups import soups, stats
+from adv_soups import disk_space, screen, soups, stats
 from adv_soups import training, training_cli
 from adv_soups.attacks import suites
 from adv_soups.models import ADAPTERS, create_model
@@ -156,7 +156,11 @@ def train_run(run: Run, config: ml_collections.ConfigDict, workdir: str) -> floa
   if preemption.is_finished(workdir):
     return None
   start = time.time()
-  result = training.train_and_evaluate(config, workdir)
+  try:
+    result = training.train_and_evaluate(config, workdir, show_progress=True)
+  except disk_space.DiskFull as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(disk_space.EXIT_DISK_FULL)
   if result.preempted_at is not None:
     preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
                               jax.process_index())
@@ -444,10 +448,15 @@ def main(argv: list[str] | None = None) -> dict:
                                   values.steps, values.num_examples, values.only)
   except ValueError as e:
     cli.fail(str(e))
-  training_cli.quiet_logging()  # the same logs as train
-  return run_experiment(base, workdir, adapters=adapters, seeds=values.seeds,
-                        attack=values.attack, steps=values.steps,
-                        num_examples=values.num_examples, only=values.only, argv=argv[1:])
+  lock = training_cli.hold_workdir(workdir)  # one experiment per directory (exit 75 if busy)
+  try:
+    screen.log_to_file(screen.log_path(workdir, jax.process_index()), verbose=values.verbose)
+    return run_experiment(base, workdir, adapters=adapters, seeds=values.seeds,
+                          attack=values.attack, steps=values.steps,
+                          num_examples=values.num_examples, only=values.only, argv=argv[1:])
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 if __name__ == "__main__":
