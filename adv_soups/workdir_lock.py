@@ -162,10 +162,11 @@ class WorkdirLock:
   def acquire(self) -> str | None:
     """Takes the lock; returns a line to print when a stale lock was taken over (else None).
     Raises WorkdirBusy (one line naming the holder) when a live run holds it. Creates the
-    workdir if needed (nothing else)."""
+    workdir if needed (nothing else); `release` removes it again if it is still empty."""
     if self.remote:
       _gfile().makedirs(self.workdir)
     else:
+      self._created_dir = not os.path.isdir(self.workdir)
       os.makedirs(self.workdir, exist_ok=True)
     now = time.time()
     self.info = {"host": socket.gethostname(), "boot_id": boot_id(), "pid": os.getpid(),
@@ -222,6 +223,11 @@ class WorkdirLock:
     held = self.read()
     if held and held.get("token") == self.info["token"]:
       self._remove()
+      if getattr(self, "_created_dir", False):  # a run refused before writing: leave no trace
+        try:
+          os.rmdir(self.workdir)  # only if empty
+        except OSError:
+          pass
     self.held = False
 
   def __enter__(self) -> "WorkdirLock":

@@ -104,3 +104,15 @@ def test_overwrite_moves_the_run_aside_but_not_the_lock(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".lock", "previous_runs"]
   finally:
     lock.release()
+
+
+def test_a_workdir_the_lock_created_is_removed_on_release_if_still_empty(tmp_path):
+  lock = workdir_lock.WorkdirLock(str(tmp_path / "new"))
+  lock.acquire()
+  lock.release()
+  assert not (tmp_path / "new").exists()  # a run refused after the lock writes nothing
+  lock = workdir_lock.WorkdirLock(str(tmp_path / "new"))
+  lock.acquire()
+  (tmp_path / "new" / "config.json").write_text("{}")
+  lock.release()
+  assert os.listdir(tmp_path / "new") == ["config.json"]
