@@ -250,6 +250,7 @@ class TrainProgress:
     self.min_interval_s = min_interval_s
     self._start_step, self._t0 = start, time.time()
     self._last_line = -float("inf")
+    self._started = False
     self._bar = None
     if self.use_bar:
       from tqdm import tqdm
@@ -258,7 +259,10 @@ class TrainProgress:
       _active_bars.append(self._bar)
 
   def update(self, step: int) -> None:
-    """Step `step` was dispatched."""
+    """Step `step` was dispatched (the rate counts from the first one: compilation excluded)."""
+    if not self._started:
+      self._started = True
+      self._start_step, self._t0 = step, time.time()
     if self._bar is not None:
       self._bar.update(step - self.step)
     self.step = step
