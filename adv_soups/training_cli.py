@@ -4,7 +4,9 @@ the demo and the experiments share these flags and checks (none of them imports 
   define_flags(extra)            --config (+ --config.a.b=value overrides), --workdir, --overwrite,
                                  the multi-process start flags, and a program's own `extra`
   parse_command_line(argv, ...)  -> (resolved config, workdir); every problem is one line, exit 2
-  train_parsed(config, workdir)  trains as the program does (exit 75 when preempted)
+  train_parsed(config, workdir)  trains as the program does: the workdir's lock (exit 75 when
+                                 busy), the log in WORKDIR/train.log, a progress bar, exit 74 on
+                                 a full disk, 75 when preempted
 """
 from __future__ import annotations
 
