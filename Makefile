@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 WORKDIR ?= workdirs/digits_demo
 DEMO_FLAGS ?=
 
-.PHONY: install test test-fast demo bench bench-torch-venv clean
+.PHONY: install test test-fast test-interop timm-venv demo bench bench-torch-venv clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,18 @@ test: install
 # Everything but the tests marked slow (end-to-end training, notebook): for local work.
 test-fast: install
 	$(PYTEST) -q -m "not slow" tests
+
+# timm interop (the exports load in timm with equal logits): a torch venv of its own, never the
+# package's. Python 3.11: torch 2.14.1 + torchvision 0.29.1 come from these machines' local disk
+# (~5.5 GB; PyPI's torchvision does not import beside the CPU torch 2.13.0 of .venv-torch).
+timm-venv: .venv-timm/.installed
+
+.venv-timm/.installed:
+	python3.11 -m venv .venv-timm && .venv-timm/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm safetensors numpy
+	touch $@
+
+test-interop: install timm-venv
+	ADV_SOUPS_TIMM_PYTHON=$(CURDIR)/.venv-timm/bin/python $(PYTEST) -q -m interop tests
 
 demo: install
 	$(PY) -m adv_soups.demo --workdir=$(WORKDIR) $(DEMO_FLAGS)
@@ -45,4 +57,4 @@ bench-torch-venv: .venv-torch/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-timm .pytest_cache

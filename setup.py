@@ -27,6 +27,7 @@ setuptools.setup(
         "scikit-learn>=1.4,<2",  # ships the real handwritten-digits images we train on by default
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",
+        "safetensors>=0.4,<1",  # soups exported for timm (numpy API: no torch)
     ],
     extras_require={
         "test": [

@@ -5,6 +5,7 @@ compilation (absl alone would exit 1 on a flag error and print its usage).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn, Sequence
 
@@ -64,7 +65,24 @@ EVAL_FLAGS = (
     ("string", "out_dir", None, "Where reports go (default: WORKDIR/eval or WORKDIR/sweep)."),
     ("integer", "save_every", 32, "Data batches per saved chunk of results (a relaunch of the "
      "same command resumes after the last saved chunk)."),
+    ("bool", "verbose", False, "Also show the absl log on the screen (it always goes to "
+     "OUT_DIR/<evaluate|sweep>.log)."),
 )
+
+
+def start_screen(values: flags.FlagValues, kind: str) -> None:
+  """For `evaluate` / `sweep` (`kind`): TFDS's bars and banners off, the absl log to
+  OUT_DIR/<kind>.log (OUT_DIR: --out_dir or WORKDIR/eval|sweep), on the screen only with
+  --verbose. Call after the checks, before anything long."""
+  from adv_soups import screen
+  screen.quiet_libraries()
+  out_dir = values.out_dir or os.path.join(values.workdir, "eval" if kind == "evaluate"
+                                           else kind)
+  import jax
+  path = screen.log_path(out_dir, jax.process_index(), kind)
+  if path is not None:
+    os.makedirs(out_dir, exist_ok=True)
+  screen.log_to_file(path, verbose=values.verbose)
 
 
 def request_kwargs(values: flags.FlagValues) -> dict:

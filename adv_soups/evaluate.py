@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     run.check_memory(request)  # memory.DoesNotFit is a ValueError: one line, exit 2
   except (ValueError, FileNotFoundError) as e:
     cli.fail(str(e))
+  cli.start_screen(v, "evaluate")
   report = run.run_request(request, kind="eval", out_dir=v.out_dir, chunk_batches=v.save_every,
                            eps_grid=grid)
   if parallel.is_primary():  # one copy of the table on a multi-process run

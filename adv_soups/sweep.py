@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
   primary = parallel.is_primary()  # one copy of the notes and the table on a multi-process run
   for note in request.notes if primary else ():
     print(f"note: {note}", file=sys.stderr)
+  cli.start_screen(v, "sweep")
   report = run.run_request(request, kind="sweep", out_dir=v.out_dir, chunk_batches=v.save_every)
   if primary:
     print(reports.format_table(report))

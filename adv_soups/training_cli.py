@@ -4,7 +4,9 @@ the demo and the experiments share these flags and checks (none of them imports 
   define_flags(extra)            --config (+ --config.a.b=value overrides), --workdir, --overwrite,
                                  the multi-process start flags, and a program's own `extra`
   parse_command_line(argv, ...)  -> (resolved config, workdir); every problem is one line, exit 2
-  train_parsed(config, workdir)  trains as the program does (exit 75 when preempted)
+  train_parsed(config, workdir)  trains as the program does: the workdir's lock (exit 75 when
+                                 busy), the log in WORKDIR/train.log, a progress bar, exit 74 on
+                                 a full disk, 75 when preempted
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import traceback
 
 import jax
 import ml_collections
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from adv_soups import memory, parallel, preemption, training
+from adv_soups import disk_space, memory, parallel, preemption, screen, training
+from adv_soups import workdir_lock
+from adv_soups import checkpoints as ckpt_lib
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
 from adv_soups.numbers import fractions_to_numbers
@@ -36,21 +40,14 @@ def define_flags(extra: tuple = ()) -> flags.FlagValues:
   flags.DEFINE_bool("overwrite", False,
                     "Start afresh: move an existing run aside into WORKDIR/previous_runs/.",
                     flag_values=values)
+  flags.DEFINE_bool("verbose", False, "Also show the absl log on the screen (it always goes to "
+                    "WORKDIR/train.log).", flag_values=values)
   parallel.define_distributed_flags(values)
   for kind, name, default, help_text in extra:
     getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=values)
   return values
 
 
-def quiet_logging() -> None:
-  """INFO logs from us and clu; only warnings from the chatty libraries (orbax, TFDS, TF)."""
-  import logging as py_logging
-  logging.set_verbosity(logging.INFO)
-  logging.use_absl_handler()
-  noisy = ("orbax", "tensorflow_datasets", "tensorflow/", "etils")
-  quiet = lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy)
-  for handler in py_logging.getLogger().handlers:
-    handler.addFilter(quiet)
 
 
 def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = None
@@ -61,6 +58,7 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
   unknown or malformed flags and overrides, a missing config file, bad values, a data set that is
   not prepared."""
   values = define_flags() if flag_values is None else flag_values
+  screen.quiet_libraries()  # before TFDS prepares anything
   argv = fractions_to_numbers(argv)
   saved_argv, sys.argv = sys.argv, argv  # config_flags reads --config.x overrides from sys.argv
   try:
@@ -96,33 +94,94 @@ def main(argv: list[str] | None = None, flag_values: flags.FlagValues | None = N
   exits with status 75 (`preemption.EXIT_PREEMPTED`) after one line saying where it stopped."""
   values = define_flags() if flag_values is None else flag_values
   config, workdir = parse_command_line(list(sys.argv if argv is None else argv), values)
-  result = train_parsed(config, workdir, overwrite=values.overwrite)
+  result = train_parsed(config, workdir, overwrite=values.overwrite, verbose=values.verbose)
   print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())))
 
 
-def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False):
-  """Trains a config that `parse_command_line` returned, as the program does: checks the
-  workdir (one line, exit 2), quiets the chatty loggers, trains, and on SIGTERM exits 75 after
-  one line saying where it stopped. Returns the `training.TrainResult` of a finished run."""
+def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
+                 verbose: bool = False):
+  """Trains a config that `parse_command_line` returned, as the program does. In order: takes
+  the workdir's lock (`hold_workdir`: exit 75 when another run holds it, nothing written); checks
+  the workdir (one line, exit 2) and its free space (one line, exit 74); removes partial saves a
+  crash left; compiles the programs and checks they fit the device's memory (one line, exit 2,
+  `memory.DoesNotFit`); sends the absl log to WORKDIR/train.log (the screen too with `verbose`);
+  trains with a progress bar; exits 74 with one line when a save fails for lack of space, 75 after one line
+  on SIGTERM. Returns the `training.TrainResult` of a finished run; the lock is released on return
+  and on every exit."""
+  lock = hold_workdir(workdir)
   try:
-    training.prepare_workdir(config, workdir, overwrite=overwrite)
-  except ValueError as e:
-    fail(str(e))
-  quiet_logging()
+    try:
+      training.prepare_workdir(config, workdir, overwrite=overwrite)
+    except ValueError as e:
+      fail(str(e))
+    check_room(config, workdir)
+    if jax.process_index() == 0:  # the lock holder: what an earlier crash left half written
+      disk_space.remove_partial_saves(ckpt_lib.checkpoint_dir(workdir))
+    def start_log():  # after the memory check: a refused run leaves no log behind
+      screen.log_to_file(screen.log_path(workdir, jax.process_index()), verbose=verbose)
+    try:
+      result = training.train_and_evaluate(config, workdir, show_progress=True,
+                                           on_checked=start_log)
+    except memory.DoesNotFit as e:  # refused before the first step, nothing written
+      fail(str(e))
+    except disk_space.DiskFull as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(disk_space.EXIT_DISK_FULL)
+    except Exception:  # pylint: disable=broad-except
+      if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
+        traceback.print_exc()      # the others, which wait in a collective for us: fail now
+        sys.stderr.flush()
+        os._exit(1)
+      raise
+    if result.preempted_at is not None:
+      preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
+                                jax.process_index())
+    return result
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def hold_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
+  """Takes `workdir`'s lock (process 0 decides for all, `workdir_lock.acquire_all`); prints one
+  line when it takes over a stale one. Another live holder: one line naming it, exit 75 (busy,
+  retry later), nothing written. Returns the lock on process 0, None elsewhere."""
   try:
-    result = training.train_and_evaluate(config, workdir)
-  except memory.DoesNotFit as e:  # refused before the first step, nothing written
-    fail(str(e))
-  except Exception:  # pylint: disable=broad-except
-    if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
-      traceback.print_exc()      # the others, which wait in a collective for us: fail now
-      sys.stderr.flush()
-      os._exit(1)
-    raise
-  if result.preempted_at is not None:
-    preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
-                              jax.process_index())
-  return result
+    lock, note = workdir_lock.acquire_all(workdir)
+  except workdir_lock.WorkdirBusy as e:
+    if jax.process_index() == 0:
+      print(f"busy: {e}", file=sys.stderr, flush=True)
+    sys.exit(workdir_lock.EXIT_BUSY)
+  if note:
+    print(note, file=sys.stderr, flush=True)
+  return lock
+
+
+def checkpoint_bytes(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """About what one checkpoint of `config` needs on disk (bytes): the newest saved step with
+  its input-pipeline state where one exists, else the parameters x 3 (AdamW's two moments;
+  x 4 with EMA)."""
+  from adv_soups.models import create_model, init_params
+  model = create_model(config.model)
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), config.model.channels))
+  copies = 3 + (1 if config.optimizer.get("ema_decay") else 0)
+  estimate = copies * disk_space.tree_bytes(params)
+  return max(estimate, disk_space.saved_step_bytes(ckpt_lib.checkpoint_dir(workdir),
+                                                   os.path.join(workdir, "data_state")))
+
+
+def check_room(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """One line and exit 74 when the workdir's filesystem (on any process) has less free space
+  than one checkpoint needs (`checkpoint_bytes`)."""
+  message = None
+  try:
+    disk_space.check_room(workdir, checkpoint_bytes(config, workdir))
+  except disk_space.DiskFull as e:
+    message = str(e)
+  if parallel.any_process(message is not None):
+    if message:
+      print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(disk_space.EXIT_DISK_FULL)
 
 
 if __name__ == "__main__":

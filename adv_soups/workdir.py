@@ -82,11 +82,12 @@ def resume_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 def move_aside(workdir: str) -> str | None:
-  """Moves everything in `workdir` (but earlier moved-aside runs) into
+  """Moves everything in `workdir` (but earlier moved-aside runs and the lock) into
   `workdir/previous_runs/<timestamp>/`; returns that folder, or None if there was nothing."""
   if not epath.Path(workdir).is_dir():
     return None
-  entries = [e.name for e in epath.Path(workdir).iterdir() if e.name != PREVIOUS_RUNS]
+  entries = [e.name for e in epath.Path(workdir).iterdir()
+             if e.name != PREVIOUS_RUNS and not e.name.startswith(".lock")]  # the run's lock
   if not entries:
     return None
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")

@@ -216,7 +216,8 @@ def test_preempted_two_process_run_saves_one_step_exits_75_and_the_relaunch_fini
   assert len(changed) == 1 and changed[0].startswith("[0]"), err[-3000:]
   assert all(f in changed[0] for f in ("data.data_dir", "train.log_every: 5 -> 7",
                                         "eval.attack_steps: 1 -> 2"))
-  assert f"Resumed from step {stopped}" in err
+  assert f"Resumed from step {stopped}" in (workdir / "train.log").read_text()  # absl's log
+  assert f"Resumed from step {stopped}" in (workdir / "train.process1.log").read_text()
   assert json.loads((workdir / "FINISHED").read_text())["step"] == 40
   assert "40" in os.listdir(workdir / "checkpoints")
   # One writer: one config.json (the resumed run's), one events file per launch (process 0's).

@@ -397,23 +397,3 @@ def test_export_cli_bad_input_exits_2_and_writes_nothing(args, expected, workdir
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and expected.format(tmp=tmp_path) in err[0]
   assert os.listdir(tmp_path) == []
-
-
-def test_timm_loads_an_export_with_the_same_logits(workdirs, tmp_path):
-  torch = pytest.importorskip("torch")
-  vision_transformer = pytest.importorskip("timm.models.vision_transformer")
-  run = loading.load(workdirs["token"])
-  out = str(tmp_path / "soup.npz")
-  meta = export.export_soup(workdirs["token"], 0.3, out)
-  vit = vision_transformer.VisionTransformer(
-      img_size=meta["image_size"], patch_size=meta["patch_size"], in_chans=meta["channels"],
-      num_classes=meta["num_classes"], embed_dim=meta["width"], depth=meta["depth"],
-      num_heads=meta["num_heads"], mlp_ratio=meta["mlp_dim"] / meta["width"], qkv_bias=True,
-      class_token=True, global_pool="token")
-  vit.load_pretrained(out)  # timm's own .npz loader (_load_weights)
-  vit.eval()
-  x = images(8, size=8, channels=1)
-  normalised = (x - np.asarray(meta["mean"])) / np.asarray(meta["std"])
-  with torch.no_grad():
-    got = vit(torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
-  np.testing.assert_allclose(got, np.asarray(run.predict(x, alpha=0.3)), atol=1e-4)

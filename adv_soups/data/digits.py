@@ -13,10 +13,13 @@ and `train` 1,437. Every example also carries `index`, its position in `load_dig
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import os
+import sys
 
 import numpy as np
 
@@ -125,19 +128,30 @@ def prepare_digits(data_dir: str | None = None):
     return Digits(data_dir=data_dir)
   if "://" in os.fspath(where):
     if jax.process_index() == 0 and not Digits(data_dir=data_dir).is_prepared():
-      Digits(data_dir=data_dir).download_and_prepare()
+      _prepare(Digits(data_dir=data_dir), where)
   else:
     os.makedirs(where, exist_ok=True)
     with open(os.path.join(where, ".digits.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
       builder = Digits(data_dir=data_dir)
       if not builder.is_prepared():
-        builder.download_and_prepare()
+        _prepare(builder, where)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("adv_soups.data.digits prepared")
   _PREPARED.add(os.fspath(where))
   return Digits(data_dir=data_dir)  # (re-)reads the prepared info
+
+
+def _prepare(builder: Digits, where: str) -> None:
+  """download_and_prepare with one line on stderr saying where, instead of TFDS's banners (which
+  it prints to stdout; its bars are off where `screen.quiet_libraries` ran)."""
+  print(f"preparing the bundled digits data set (1,797 images, once) in {where}",
+        file=sys.stderr, flush=True)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()  # our line above says what happens
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare()
 
 
 _PREPARED: set[str] = set()  # data_dirs this process has seen prepared (after the barrier)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from adv_soups import stats
 from adv_soups.attacks import registry
 
 
@@ -174,41 +175,78 @@ def to_csv(report: dict) -> str:
 
 
 def to_png(report: dict) -> bytes:
-  """Accuracy against alpha, and the clean / robust trade-off (labels: alpha)."""
+  """Accuracy against alpha, and the clean / robust trade-off (labels: alpha). Every point has
+  its Wilson 95% interval (`stats.wilson_interval` on the report's examples) as an error bar,
+  and no axis is zoomed below three times the widest interval (`_axis_limits`)."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
-  rows = report["results"]
-  alphas = [0.0 if r["alpha"] is None else r["alpha"] for r in rows]
-  clean = [100 * r["clean_accuracy"] for r in rows]
-  robust = [100 * r["robust_accuracy"] for r in rows] if report["attack"]["names"] else None
-  fig, axes = plt.subplots(1, 2 if robust else 1, figsize=(11 if robust else 5.5, 4.2),
-                           squeeze=False)
-  ax = axes[0, 0]
-  ax.plot(alphas, clean, "o-", label="clean")
-  if robust:
-    ax.plot(alphas, robust, "s-", label=f"robust ({report['attack']['description']})")
-  for group in report["shifts"]:
-    ax.plot(alphas, [100 * r["shifts"][group] for r in rows], "^--", label=group)
-  ax.set_xlabel("alpha (0 = clean mode, 1 = robust mode)")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_title(f"{report['dataset']}, {report['norm']} eps={report['eps']:.4g}", fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  if robust:
-    ax = axes[0, 1]
-    ax.plot(clean, robust, "o-")
-    for a, x, y in zip(alphas, clean, robust):
-      ax.annotate(f"{a:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_title("trade-off (labels: alpha)")
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
+  fig = figure(report)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
   return buf.getvalue()
+
+
+def _axis_limits(centres: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                 factor: float = 3.0, floor: float = 5.0) -> tuple[float, float]:
+  """Axis limits (%) holding every interval, spanning at least `factor` x the widest interval
+  (and `floor` points), inside [0, 100] where possible: a zoom never turns noise into a shape."""
+  lo, hi = float(np.min(centres - lower)), float(np.max(centres + upper))
+  span = max(hi - lo, factor * float(np.max(lower + upper)), floor) * 1.08
+  mid = (lo + hi) / 2
+  lo, hi = mid - span / 2, mid + span / 2
+  if lo < 0:
+    lo, hi = 0.0, span
+  if hi > 100:
+    lo, hi = max(0.0, 100 - span), 100.0
+  return lo, hi
+
+
+def figure(report: dict):
+  """The matplotlib figure of `to_png` (tests read its artists)."""
+  from matplotlib import pyplot as plt
+  rows = report["results"]
+  n = report["num_examples"]
+  alphas = [0.0 if r["alpha"] is None else r["alpha"] for r in rows]
+  clean = stats.percent_interval([r["clean_accuracy"] for r in rows], n)
+  robust = (stats.percent_interval([r["robust_accuracy"] for r in rows], n)
+            if report["attack"]["names"] else None)
+  fig, axes = plt.subplots(1, 2 if robust else 1, figsize=(11 if robust else 5.5, 4.2),
+                           squeeze=False)
+  ax = axes[0, 0]
+  drawn = [clean]
+  ax.errorbar(alphas, clean[0], yerr=clean[1:], fmt="o-", capsize=3, label="clean")
+  if robust:
+    ax.errorbar(alphas, robust[0], yerr=robust[1:], fmt="s-", capsize=3,
+                label=f"robust ({report['attack']['description']})")
+    drawn.append(robust)
+  for group in report["shifts"]:
+    counts = report["shifts"][group].get("num_examples") or n  # {dataset: n}: the mean over
+    counts = sum(counts.values()) if isinstance(counts, dict) else counts  # them, pooled
+    shifted = stats.percent_interval([r["shifts"][group] for r in rows], counts)
+    ax.errorbar(alphas, shifted[0], yerr=shifted[1:], fmt="^--", capsize=3, label=group)
+    drawn.append(shifted)
+  ax.set_ylim(*_axis_limits(*(np.concatenate(parts) for parts in zip(*drawn))))
+  ax.set_xlabel("alpha (0 = clean mode, 1 = robust mode)")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"{report['dataset']}, {report['norm']} eps={report['eps']:.4g}; bars: 95% "
+               f"interval, n={n}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  if robust:
+    ax = axes[0, 1]
+    ax.errorbar(clean[0], robust[0], xerr=clean[1:], yerr=robust[1:], fmt="o-", capsize=3)
+    for a, x, y in zip(alphas, clean[0], robust[0]):
+      ax.annotate(f"{a:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlim(*_axis_limits(*clean))
+    ax.set_ylim(*_axis_limits(*robust))
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title("trade-off (labels: alpha; bars: 95% intervals)", fontsize=9)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
 
 
 def write(report: dict, main, out_dir: str, name: str, sweep: bool) -> dict[str, str]:

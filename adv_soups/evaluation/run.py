@@ -25,12 +25,12 @@ from adv_soups.evaluation.requests import SHIFT_FAMILIES, Request
 
 
 class Progress:
-  """One tqdm bar (stderr, with ETA) over the data batches of every dataset a request reads."""
+  """One bar (stderr, with ETA) over the data batches of every dataset a request reads: tqdm on
+  a terminal, plain periodic lines on a pipe / CI / SLURM log (`screen.progress_bar`)."""
 
   def __init__(self, total: int | None, enabled: bool = True, desc: str = "evaluating"):
-    from tqdm import tqdm
-    self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled,
-                    dynamic_ncols=True)
+    from adv_soups import screen
+    self.bar = screen.progress_bar(total, desc, "batch", enabled=enabled, stream=sys.stderr)
 
   def wrap(self, batches: Iterable[dict], name: str) -> Iterator[dict]:
     for batch in batches:

@@ -8,6 +8,8 @@ import textwrap
 
 from etils import epath
 
+from adv_soups import stats
+
 
 MODE_TEXT = {"clean": "clean-only", "adversarial": "adversarial-only", "cotrain": "co-training"}
 
@@ -47,8 +49,9 @@ def format_markdown(summary: list[dict], settings: dict) -> str:
 
 
 def plot(summary: list[dict], runs: list[dict], path: str, title: str) -> None:
-  """adapters.png: clean vs robust accuracy (%), one faint point per run, the mean per (mode,
-  adapter) with error bars (std over seeds), and each co-trained adapter's mean soup curve."""
+  """adapters.png: clean vs robust accuracy (%), one faint point per run with its Wilson 95%
+  interval, the mean per (mode, adapter) with error bars (std over seeds), and each co-trained
+  adapter's mean soup curve with its 95% intervals (examples pooled over seeds)."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
@@ -58,14 +61,20 @@ def plot(summary: list[dict], runs: list[dict], path: str, title: str) -> None:
     color = colors[i % len(colors)]
     label = f"{MODE_TEXT[row['mode']]}" + (f" ({row['adapter']})" if row["mode"] == "cotrain"
                                            else "")
-    if row.get("soup"):
-      ax.plot([100 * p["clean_accuracy_mean"] for p in row["soup"]],
-              [100 * p["robust_accuracy_mean"] for p in row["soup"]], "-", color=color,
-              alpha=0.6, lw=1)
-    for rec in runs:  # the run records (results["runs"])
-      if (rec["mode"], rec["adapter"]) == (row["mode"], row["adapter"]) and rec.get("figures"):
-        ax.plot(100 * rec["figures"]["clean_accuracy"], 100 * rec["figures"]["robust_accuracy"],
-                ".", color=color, alpha=0.4)
+    figs = [rec["figures"] for rec in runs  # the run records (results["runs"])
+            if (rec["mode"], rec["adapter"]) == (row["mode"], row["adapter"])
+            and rec.get("figures")]
+    if row.get("soup"):  # the mean curve with its 95% interval (pooled over seeds) as error bars
+      pooled = sum(f["num_examples"] for f in figs)
+      curve = [stats.percent_interval([p[f"{k}_accuracy_mean"] for p in row["soup"]], pooled)
+               for k in ("clean", "robust")]
+      ax.errorbar(curve[0][0], curve[1][0], xerr=curve[0][1:], yerr=curve[1][1:], fmt="-",
+                  color=color, alpha=0.5, lw=1, capsize=2)
+    for fig_run in figs:  # each run's point with its binomial 95% interval
+      x, y = (stats.percent_interval([fig_run[f"{k}_accuracy"]], fig_run["num_examples"])
+              for k in ("clean", "robust"))
+      ax.errorbar(x[0], y[0], xerr=x[1:], yerr=y[1:], fmt=".", color=color, alpha=0.4,
+                  capsize=2)
     ax.errorbar(100 * row["clean_accuracy_mean"], 100 * row["robust_accuracy_mean"],
                 xerr=100 * row["clean_accuracy_std"], yerr=100 * row["robust_accuracy_std"],
                 fmt="o", color=color, capsize=3, label=label)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from adv_soups import evaluation, preemption, soups, training
+from adv_soups import disk_space, evaluation, preemption, soups, training
 from adv_soups.experiments.plan import SOUP_ALPHAS, Run
 
 TIMING_FILE = "experiment_timing.json"
@@ -33,11 +33,16 @@ def _write_text(path: str, text: str) -> None:
 
 def train_run(run: Run, config: ml_collections.ConfigDict, workdir: str) -> float | None:
   """Trains `run` in `workdir` unless it is finished; returns the training wall time in seconds
-  (None when it was already finished). A preempted run exits with status 75 (run it again)."""
+  (None when it was already finished). A preempted run exits with status 75 (run it again), a
+  full disk with 74."""
   if preemption.is_finished(workdir):
     return None
   start = time.time()
-  result = training.train_and_evaluate(config, workdir)
+  try:
+    result = training.train_and_evaluate(config, workdir, show_progress=True)
+  except disk_space.DiskFull as e:  # exit 74, not the preemption status: a relaunch would loop
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(disk_space.EXIT_DISK_FULL)
   if result.preempted_at is not None:
     preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
                               jax.process_index())

@@ -23,6 +23,7 @@ from absl import logging
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import memory as memory_lib
 from adv_soups import data as data_lib
+from adv_soups import disk_space, screen
 from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
 from adv_soups import writers as writers_lib
 from adv_soups.evaluation import periodic
@@ -54,6 +55,30 @@ def save_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainSta
       if entry.name not in keep:
         entry.rmtree()
   return step
+
+
+def save_or_explain(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainState,
+                    train_iter: data_lib.TrainIterator) -> int:
+  """`save_checkpoint`, where a failure for lack of space (`disk_space.is_out_of_space`: the
+  error and the free space, never any error) becomes `disk_space.DiskFull` with its one line,
+  after process 0 (the workdir's lock holder) removed the partial save. Other errors propagate
+  unchanged, traceback and all."""
+  last_good = manager.latest_step()
+  try:
+    return save_checkpoint(manager, workdir, state, train_iter)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a full disk)
+    needed = disk_space.tree_bytes((state.params, state.opt_state, state.ema_params))
+    if not disk_space.is_out_of_space(e, workdir, needed):
+      raise
+    step = int(state.step)
+    if jax.process_index() == 0:
+      disk_space.remove_partial_saves(ckpt_lib.checkpoint_dir(workdir))
+      orphan = data_state_dir(workdir, step)
+      if step != last_good and epath.Path(orphan).exists():
+        epath.Path(orphan).rmtree()
+    message = disk_space.save_failed_message(workdir, step, last_good, needed,
+                                             disk_space.free_bytes(workdir))
+    raise disk_space.DiskFull(message, step) from e
 
 
 def restore_checkpoint(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainState,
@@ -111,8 +136,14 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: jax.sharding.Mesh | None = None) -> TrainResult:
-  """Trains per `config` (resolved or not) in `workdir`, resuming from its latest checkpoint."""
+                       mesh: jax.sharding.Mesh | None = None, *,
+                       show_progress: bool = False,
+                       on_checked: Any = None) -> TrainResult:
+  """Trains per `config` (resolved or not) in `workdir`, resuming from its latest checkpoint.
+  `show_progress`: process 0 shows `screen.TrainProgress` on stdout (a bar on a terminal, plain
+  lines otherwise) and one line per periodic evaluation. A save that fails for lack of space
+  raises `disk_space.DiskFull` (see `save_or_explain`). `on_checked()`, if given, is called once
+  the programs are compiled and fit the device's memory, before anything is written."""
   config = resolve_config(config)
   mesh = mesh or parallel.make_mesh()
   train_cfg = config.train
@@ -123,6 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # (memory.DoesNotFit, one line); the loop runs this compiled object.
   train_step = memory_lib.check_training(config, model, make_train_step(config, model, optimizer,
                                                                          mesh), state, mesh, workdir)
+  if on_checked is not None:
+    on_checked()
   if jax.process_index() == 0:
     workdir_lib.save_config(workdir, config)
   train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
@@ -144,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start == 0:
     writer.write_hparams(_flat_hparams(config))
   progress = writers_lib.progress_report(train_cfg.steps, writer, train_cfg.log_every)
+  bar = screen.TrainProgress(train_cfg.steps, start,
+                             enabled=show_progress and jax.process_index() == 0)
   pending: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
   t0, images_seen = time.time(), 0
@@ -153,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     pending.append((step, metrics))
     images_seen += train_cfg.batch_size
     progress(step)
+    bar.update(step)
     last = step == train_cfg.steps
     preempted = watch.reached(step) and not last  # every step, on every process
     if step % train_cfg.log_every == 0 or last or len(pending) >= 10:
@@ -165,24 +201,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                                 train_cfg.steps)(step - 1))
         summary["images_per_sec"] = images_seen / (time.time() - t0)
         writer.write_scalars(step, summary)
+        bar.metrics(step, summary)
         t0, images_seen = time.time(), 0
     due = periodic.due(config, step, last)
     do_eval = bool(due)
     do_save = (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or last
+    bar.pause()  # steps/s excludes evaluation and checkpointing
     if do_save or preempted:  # before evaluating: a failed evaluation must not cost the save
       _check_finite(pending)  # never save a non-finite state
-      save_checkpoint(manager, workdir, state, train_iter)
+      try:
+        save_or_explain(manager, workdir, state, train_iter)
+      except disk_space.DiskFull:
+        bar.close()
+        watch.close()
+        raise
     if preempted:
       preempted_at = step
       break
     if do_eval:
       eval_metrics = periodic.evaluate(config, model, _eval_params(state), step, due, workdir)
       writer.write_scalars(step, eval_metrics)
+      bar.write(screen.format_eval(step, eval_metrics))
+    bar.resume()
     if do_eval or do_save:
       t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
   if start >= train_cfg.steps:  # a finished run: report its evaluation again
     logging.info("%s is already trained to step %d", workdir, start)
     eval_metrics = periodic.evaluate(config, model, _eval_params(state), start, None, workdir)
+  bar.close()
   watch.close()
   if preempted_at is None and jax.process_index() == 0:
     preemption_lib.write_finished(workdir, train_cfg.steps)
