@@ -127,8 +127,8 @@ def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
   from adv_soups.evaluation import engine
   request, labels, rows, spec = _request(where, entry, config, model, params, step, workdir)
   _note_clamp(where, request)
-  result = engine.gather(engine.evaluate_columns(
-      model, params, request.batches(request.dataset, request.split, request.num_examples),
+  result = engine.gather(engine.evaluate_columns(  # float32 compute unless the entry says not
+      request.loaded.model, params, request.batches(request.dataset, request.split, request.num_examples),
       request.columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
       norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
       index_offset=request.offset(request.dataset, request.split, request.num_examples)))
@@ -155,7 +155,7 @@ def programs(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
       compiled=compiled, field=field, value=request.batch_size, units=rows, fixed=fixed,
       resident=resident, multiple=jax.local_device_count())
       for stage, compiled in engine.column_programs(
-          model, params, (size, size, int(config.model.channels)), request.columns,
+          request.loaded.model, params, (size, size, int(config.model.channels)), request.columns,
           attacks=request.attacks, budgets=request.budgets, eps=request.eps, norm=request.norm,
           class_subset=spec.class_subset, seed=request.seed, batch_size=rows)]
 
