@@ -131,7 +131,8 @@ class LoadedModel:
     return model, soups.interpolate(self.params, [1.0 - alpha, alpha])
 
   def attack(self, images: Any, labels: Any, eps: float | str | None = None, alpha: Any = 0.0,
-             steps: int | None = None, attack: str = "pgd", seed: int = 0) -> jax.Array:
+             steps: int | None = None, attack: str = "pgd", seed: int = 0,
+             norm: str | None = None) -> jax.Array:
     """Adversarial images [B, H, W, C] against the soup at `alpha` (the soup itself is attacked).
 
     Args:
@@ -145,11 +146,19 @@ class LoadedModel:
         eps: FAB is a minimal-distortion attack) or 'square'. For robust accuracy under a
         whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
+      norm: 'linf', 'l2' or 'l1' (every attack but PGD; l1 needs `eps`); default the run's
+        config.attack.norm.
     """
     from adv_soups import cli  # local: keeps `import adv_soups` light
     if attack not in LOAD_ATTACKS:
       raise ValueError(f"unknown attack {attack!r}: allowed {', '.join(LOAD_ATTACKS)}")
-    norm = self.config.attack.norm
+    norm = norm or self.config.attack.norm
+    if norm not in ("linf", "l2", "l1"):
+      raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
+    suites.check_norm((attack,), norm)
+    if eps is None and norm != self.config.attack.norm:
+      raise ValueError(f"norm={norm!r} needs its own eps (the run's eps is a "
+                       f"{self.config.attack.norm} radius)")
     eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
     if steps is None:
       steps = suites.resolve_steps((attack,), None, int(self.config.eval.attack_steps))[attack]

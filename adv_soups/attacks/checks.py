@@ -65,7 +65,8 @@ def check_randomized(logits_fn, images, labels=None, *, n: int = RANDOMIZED_REPE
     counts = f", correct predictions {sorted(set(correct))}" if len(set(correct)) > 1 else ""
     return (f"the model looks randomised: over {n} identical forward passes its normalised "
             f"logits differ by up to {diff:.3g} (l_2){counts}; evaluate it with an "
-            f"expectation over its randomness (EoT, AutoAttack's version='rand'), {DOC}")
+            "expectation over its randomness: --attack=autoattack-rand (APGD-CE and APGD-DLR "
+            f"with EOT, AutoAttack's version='rand'), {DOC}")
   return None
 
 
@@ -85,7 +86,7 @@ def zero_gradient_mask(logits_fn, images, labels, rng=None, *, eps: float = 0.0,
   start (uniform in the eps ball, keyed as APGD's first restart; the clean images if `rng` is
   None or eps is 0). Give it correctly classified points, as APGD attacks only those: where the
   label is the third-highest class the DLR loss is the constant 1 (a zero gradient by design)."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, norms=pgd_lib.ALL_NORMS)
   x = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels)
   num_classes = pgd_lib.num_classes_of(logits_fn, x)
@@ -95,7 +96,12 @@ def zero_gradient_mask(logits_fn, images, labels, rng=None, *, eps: float = 0.0,
   def grad_l1(x, labels):
     if rng is not None and float(eps) > 0:
       index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
-      x = pgd_lib.random_start(pgd_lib.example_keys(rng, index, 0), x, eps, norm)
+      keys = pgd_lib.example_keys(rng, index, 0)
+      if norm == "l1":
+        from adv_soups.attacks import l1 as l1_lib  # pylint: disable=import-outside-toplevel
+        x = l1_lib.random_start(keys, x, eps)
+      else:
+        x = pgd_lib.random_start(keys, x, eps, norm)
     _, _, g = pgd_lib.loss_and_input_grad(logits_fn, lambda z, y, _: loss(z, y), x, labels,
                                           None)
     return jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim)))

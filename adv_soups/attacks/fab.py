@@ -45,6 +45,7 @@ from jax import lax
 
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import l1 as l1_lib
 
 DEFAULT_NUM_TARGETS = 9
 ALPHA_MAX = 0.1
@@ -65,7 +66,8 @@ def check_fab_settings(*, eps, norm: str, num_steps: int, restarts: int = 1,
                        alpha_max: float = ALPHA_MAX, eta: float = ETA,
                        beta: float = BETA) -> None:
   """Raises ValueError (one line) for a bad eps / norm / num_steps / restarts / FAB constant."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts,
+                         norms=pgd_lib.ALL_NORMS)
   if not 0 <= float(alpha_max) <= 1:
     raise ValueError(f"alpha_max must be in [0, 1], got alpha_max={alpha_max}")
   if not float(eta) > 0:
@@ -88,17 +90,14 @@ def _check_classes(num_classes: int, rank=None) -> None:
 # Geometry
 # ---------------------------------------------------------------------------------------------
 def distance(x_adv: jax.Array, x: jax.Array, norm: str) -> jax.Array:
-  """Per-example |x_adv - x| in `norm` ("linf" or "l2"): [B, ...] -> [B] float32."""
-  d = (x_adv - x).reshape(x.shape[0], -1)
-  if norm == "linf":
-    return jnp.max(jnp.abs(d), axis=-1)
-  return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
+  """Per-example |x_adv - x| in `norm` ("linf", "l2" or "l1"): [B, ...] -> [B] float32."""
+  return _norm_flat((x_adv - x).reshape(x.shape[0], -1), norm)
 
 
 def within_eps(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
   """True [B] where |x_adv - x|_norm <= eps (up to float32 rounding: a relative 1e-6 and an
   absolute 1e-7). x_adv, x [B, H, W, C] in [0, 1]; eps in pixel units."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, norms=pgd_lib.ALL_NORMS)
   eps = jnp.asarray(eps, jnp.float32)
   return distance(x_adv, x, norm) <= eps * (1 + WITHIN_EPS_RTOL) + WITHIN_EPS_ATOL
 
@@ -127,10 +126,12 @@ def _solve_capped_sum(q: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
 def boundary_projection(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) -> jax.Array:
   """Minimal-norm step d [N, n] with w . (t + d) = b and t + d in [0, 1]^n, per row.
 
-  t [N, n] points in [0, 1], w [N, n] hyperplane normals, b [N] offsets; norm "linf" or "l2".
+  t [N, n] points in [0, 1], w [N, n] hyperplane normals, b [N] offsets; norm "linf", "l2" or "l1".
   Where the box cannot reach the hyperplane, d moves every coordinate (with w_i != 0) to the box
   edge on the hyperplane's side. Coordinates with w_i = 0 do not move.
   """
+  if norm == "l1":  # the cheapest coordinates first (AutoAttack's projection_l1)
+    return l1_lib.boundary_projection(t, w, b)
   c = jnp.sum(w * t, axis=-1) - b
   flip = jnp.where(c >= 0, 1.0, -1.0)
   scale = jnp.max(jnp.abs(w), axis=-1)
@@ -152,11 +153,14 @@ def boundary_projection(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) -> 
 def _norm_flat(d: jax.Array, norm: str) -> jax.Array:
   if norm == "linf":
     return jnp.max(jnp.abs(d), axis=-1)
+  if norm == "l1":
+    return jnp.sum(jnp.abs(d), axis=-1)
   return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
 
 
 def _random_start(keys: jax.Array, x: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
-  """x + a random perturbation of norm exactly `radius` [B] (before clipping to [0, 1])."""
+  """x + a random perturbation of norm exactly `radius` [B] (before clipping to [0, 1]); l_2 and
+  l_1: a Gaussian direction scaled to that norm."""
   shape = x.shape[1:]
   if norm == "linf":
     noise = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
@@ -238,7 +242,7 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
       bounded by it (check them with `within_eps`).
     num_steps: iterations per restart (each one forward + one input-gradient pass, and one more
       forward pass to check the new point).
-    norm: "linf" or "l2": the norm minimised.
+    norm: "linf", "l2" or "l1": the norm minimised.
     restarts: >= 1 runs; each example keeps its closest adversarial point over all of them.
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
     alpha_max, eta, beta: FAB's bias towards the clean image, overshoot and backward step.

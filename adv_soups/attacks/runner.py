@@ -19,6 +19,11 @@ first example, and the per-example results are combined afterwards.
 
 FAB-T returns minimally distorted points that may lie outside the eps ball: as in AutoAttack, a
 FAB point breaks an example only when it is misclassified *and* within eps.
+
+A randomised model (`randomised=True`: `logits_fn(..., keys)` takes one PRNG key per row, see
+`attacks.eot`) draws its randomness from the row's key (its example's global index) and the
+input, in every stage including the clean pass and each attack's final re-scoring pass; APGD-CE
+and APGD-DLR with `eot_draws` average their gradients over that many draws per iteration.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import eot as eot_lib
 from adv_soups.attacks import fab as fab_lib
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import square as square_lib
@@ -93,20 +99,33 @@ def _cached(key, build, store=None):
   return value
 
 
-def _bind(logits_fn, params, domain, has_params, has_domain):
-  """images -> logits, closing over params (replicated) and the per-example domain."""
+def _bind(logits_fn, params, domain, has_params, has_domain, model_keys=None):
+  """images -> logits, closing over params (replicated) and the per-example domain; for a
+  randomised model (`model_keys` [B], one key per row) each pass is keyed by the row's key and
+  its input (`eot.input_keys`)."""
   def f(images):
     args = ((params,) if has_params else ()) + (images,) + ((domain,) if has_domain else ())
+    if model_keys is not None:
+      args += (eot_lib.input_keys(model_keys, images),)
     return logits_fn(*args)
   return f
 
 
-def _clean_fn(logits_fn, has_params, has_domain, mesh):
-  def inner(params, images, labels, domain, mask):
-    logits = _bind(logits_fn, params, domain, has_params, has_domain)(images)
+def _model_keys(rng, index, randomised):
+  """Per-row keys of a randomised model's randomness [B] (None for a deterministic model)."""
+  return pgd_lib.example_keys(jax.random.fold_in(rng, _MODEL_TAG), index) if randomised else None
+
+
+_MODEL_TAG = 0x6D6F64  # folds the model's randomness apart from the attacks' random starts
+
+
+def _clean_fn(logits_fn, has_params, has_domain, mesh, randomised=False):
+  def inner(params, images, labels, domain, mask, index, rng):
+    keys = _model_keys(rng, index, randomised)
+    logits = _bind(logits_fn, params, domain, has_params, has_domain, keys)(images)
     return mask & (jnp.argmax(logits, axis=-1) == labels)
   d = P(parallel.DATA_AXIS)
-  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d), out_specs=d,
+  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P()), out_specs=d,
                      check_vma=False)  # exact GELU (erfc) fails the vma check in jax 0.12
   return jax.jit(sm)
 
@@ -117,15 +136,29 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, settings):
   s = dict(settings)
 
   def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
-    f = _bind(logits_fn, params, domain, has_params, has_domain)
+    keys = _model_keys(rng, index, s.get("randomised", False))
+    f = _bind(logits_fn, params, domain, has_params, has_domain, keys)
     common = dict(eps=eps, num_steps=s["num_steps"], norm=s["norm"],
                   restarts=s["restarts"], example_index=index)
+    largereps = s.get("largereps", False)
     if attack == "pgd":
       x_adv = pgd_lib.pgd(f, images, labels, rng, step_size=step_size, loss="ce", **common)
     elif attack in ("apgd-ce", "apgd-dlr"):
-      x_adv = apgd_lib.apgd(f, images, labels, rng, loss=attack[5:], **common)
+      factory = None
+      if s.get("eot_draws"):  # EOT: each draw keyed by the row, restart, iteration and draw
+        g = lambda x, ks: logits_fn(*(((params,) if has_params else ()) + (x,) + (
+            (domain,) if has_domain else ()) + (ks,)))
+        if keys is None:  # a deterministic model: every draw is the same pass
+          g = lambda x, ks: f(x)
+          keys_eot = pgd_lib.example_keys(rng, index)
+        else:
+          keys_eot = keys
+        factory = eot_lib.eot_state_factory(g, keys_eot, s["eot_draws"])
+      x_adv = apgd_lib.apgd(f, images, labels, rng, loss=attack[5:], largereps=largereps,
+                            state_factory=factory, **common)
     elif attack == "apgd-t":  # one target rank
-      x_adv = apgd_lib.apgd_t_single(f, images, labels, rng, rank, **common)[0]
+      x_adv = apgd_lib.apgd_t_single(f, images, labels, rng, rank, largereps=largereps,
+                                     **common)[0]
     elif attack == "fab-t":  # one target rank; its points may lie outside the eps ball
       x_adv = fab_lib.fab_t_single(f, images, labels, rng, rank, **common)[0]
       wrong = jnp.argmax(f(x_adv), axis=-1) != labels
@@ -187,7 +220,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
                     num_steps: int | dict[str, int] = 100, restarts: int = 1,
                     step_size: float | None = None, num_targets: int = suites.NUM_TARGETS,
                     mesh=None, seed: int = 0, params: Any = None, batch_size: int | None = None,
-                    index_offset: int = 0) -> RobustResult:
+                    index_offset: int = 0, attack_settings: dict[str, dict] | None = None,
+                    randomised: bool = False) -> RobustResult:
   """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
 
   Args:
@@ -207,9 +241,9 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       each row's random starts; default its position in the stream plus `index_offset`: rows
       that share a key, e.g. one example under several soups, share their starts). Batch sizes
       may vary.
-    eps: threat-model radius in pixels (l_inf: [0, 1]; l_2: >= 0). eps = 0 skips no work but
-      returns robust == clean_correct.
-    norm: "linf" or "l2".
+    eps: threat-model radius in pixels (l_inf: [0, 1]; l_2, l_1: >= 0). eps = 0 skips no work
+      but returns robust == clean_correct.
+    norm: "linf", "l2" or "l1" (every attack but PGD has an l_1 form).
     attacks: names of `suites.ATTACKS`: "pgd" (PGD-k, CE, step 2.5 eps / k unless `step_size`),
       "apgd-ce", "apgd-dlr", "apgd-t" (targeted DLR over `num_targets` runner-up classes, one
       stage per target), "fab-t" (targeted FAB, one stage per target; a point counts only within
@@ -224,6 +258,10 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       the global stream), so random starts do not depend on how the stream is split.
     batch_size: examples per compiled call (default: the first batch's size), rounded up to a
       multiple of the number of devices.
+    attack_settings: per-attack overrides {name: {'restarts', 'num_targets', 'largereps',
+      'eot_draws'}} (`suites.suite_settings`: what a suite fixes per norm).
+    randomised: `logits_fn` takes one more argument, keys [b] (one PRNG key per row), and draws
+      its randomness from them (`attacks.eot`).
 
   Returns:
     A `RobustResult` (accuracies, per-example flags, the attacks and their settings).
@@ -231,12 +269,20 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   names = _expand_attacks(attacks)
   budgets = (dict(num_steps) if isinstance(num_steps, dict)
              else {n: int(num_steps) for n in names})
+  overrides = {n: dict(v) for n, v in (attack_settings or {}).items()}
+  suites.check_norm(names, norm)
   for n in names:
     if n not in budgets:
       raise ValueError(f"num_steps has no budget for attack {n!r}")
-    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=budgets[n], restarts=restarts)
+    o = overrides.get(n, {})
+    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=budgets[n],
+                           restarts=o.get("restarts", restarts), norms=pgd_lib.ALL_NORMS)
+    apgd_lib.check_largereps(norm, budgets[n], o.get("largereps", False))
+    if "eot_draws" in o:
+      eot_lib.check_draws(o["eot_draws"])
   if not names:
-    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, restarts=restarts)
+    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, restarts=restarts,
+                           norms=pgd_lib.ALL_NORMS)
   mesh = parallel.make_mesh(jax.local_devices()) if mesh is None else mesh
   n_dev = mesh.devices.size
   has_params = params is not None
@@ -247,6 +293,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   base_key = jax.random.PRNGKey(seed)
   attack_keys = [jax.device_put(jax.random.fold_in(base_key, j), parallel.replicated(mesh))
                  for j in range(len(names))]
+  clean_key = jax.device_put(jax.random.fold_in(base_key, -1 % 2 ** 31),
+                             parallel.replicated(mesh))
   eps = float(eps)
 
   stages: list[tuple[int, str, int]] = []  # (attack position, attack name, rank); -1 = clean
@@ -268,13 +316,22 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     key_c = ("num_classes", logits_fn, has_params, spec_img.shape,
              None if spec_dom is None else (spec_dom.shape, str(spec_dom.dtype)))
     num_classes = _cached(key_c, lambda: int(jax.eval_shape(
-        lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain)(x),
+        lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain, _model_keys(
+            base_key, jnp.arange(x.shape[0]), randomised))(x),
         params_arg, spec_img, spec_dom).shape[-1]), store)
     state.update(b=b, has_domain=has_domain, num_classes=num_classes)
     stages.append((-1, "clean", 0))
     for j, a in enumerate(names):
       steps = budgets[a]
-      s = dict(name=a, norm=norm, eps=eps, num_steps=int(steps), restarts=int(restarts))
+      o = overrides.get(a, {})
+      s = dict(name=a, norm=norm, eps=eps, num_steps=int(steps),
+               restarts=int(o.get("restarts", restarts)))
+      if o.get("largereps"):
+        s["largereps"] = True
+      if o.get("eot_draws"):
+        s["eot_draws"] = int(o["eot_draws"])
+      if randomised:
+        s["randomised"] = True
       if num_classes < suites.ATTACKS[a].min_classes:
         raise ValueError(f"{a} needs >= {suites.ATTACKS[a].min_classes} classes, got "
                          f"num_classes={num_classes}")
@@ -289,8 +346,9 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
         s.update(loss="margin", num_queries=int(steps), restarts=1)
         stages.append((j, a, 0))
       else:  # targeted: one stage per runner-up class
-        n_t = (apgd_lib.num_apgd_targets(num_classes, num_targets) if a == "apgd-t"
-               else min(int(num_targets), num_classes - 1))
+        want = int(o.get("num_targets", num_targets))
+        n_t = (apgd_lib.num_apgd_targets(num_classes, want) if a == "apgd-t"
+               else min(want, num_classes - 1))
         s.update(loss="dlr-targeted" if a == "apgd-t" else "fab-targeted", num_targets=n_t)
         stages.extend((j, a, r) for r in range(n_t))
       settings_out.append(s)
@@ -300,10 +358,11 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     j, a, _ = stage
     hd = state["has_domain"]
     if a == "clean":
-      return _cached(("clean", logits_fn, has_params, hd, mesh),
-                     lambda: _clean_fn(logits_fn, has_params, hd, mesh), store)
+      return _cached(("clean", logits_fn, has_params, hd, mesh, randomised),
+                     lambda: _clean_fn(logits_fn, has_params, hd, mesh, randomised), store)
     s = settings_out[j]
-    static = {k: s[k] for k in ("norm", "num_steps", "restarts")}
+    static = {k: s[k] for k in ("norm", "num_steps", "restarts", "largereps", "eot_draws",
+                                "randomised") if k in s}
     return _cached(("attack", a, tuple(sorted(static.items())), logits_fn, has_params, hd, mesh),
                    lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, static), store)
 
@@ -318,7 +377,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     fn = compiled(stages[k])
     start = time.perf_counter()
     if a == "clean":
-      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"])
+      out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"], clean_key)
     else:
       out = fn(params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
                attack_keys[j], np.int32(rank), np.float32(eps),

@@ -46,6 +46,20 @@ def model_logits_fn(model, class_subset: tuple[int, ...] | None = None) -> Any:
   return fn
 
 
+@functools.lru_cache(maxsize=16)
+def random_logits_fn(model, dropout: float, class_subset: tuple[int, ...] | None = None) -> Any:
+  """`fn(params, images, domain, keys [B]) -> logits [B, K]`: `model` randomised at evaluation
+  (dropout at rate `dropout` on, and drop path when the config has it), each row applied alone
+  with its own key (`attacks.eot.per_example_apply`); one object per (model, rate, subset)."""
+  from adv_soups.attacks import eot
+  randomised = model.clone(dropout_rate=float(dropout))
+  index = None if class_subset is None else jnp.asarray(class_subset, jnp.int32)
+
+  def fn(params, images, domain, keys):
+    return eot.per_example_apply(randomised, params, images, domain, keys, index)
+  return fn
+
+
 def expand(batch: dict, domains: np.ndarray) -> dict:
   """(example x column) rows of a batch, example-major: row i * A + a is example i, column a.
 
@@ -152,7 +166,8 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
                      class_subset: Sequence[int] | None = None, mesh=None, seed: int = 0,
                      batch_size: int | None = None, index_offset: int = 0,
                      store: ChunkStore | None = None, chunk_batches: int = 32,
-                     on_chunk=None) -> ColumnResult:
+                     on_chunk=None, attack_settings: dict[str, dict] | None = None,
+                     dropout: float | None = None) -> ColumnResult:
   """Clean and robust correctness of every example under each of the A columns.
 
   Args:
@@ -163,7 +178,10 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
       [1 - alpha, alpha]).
     attacks: names from `attacks.suites.ATTACKS`, run in sequence on the survivors (empty:
       clean accuracy only); budgets: {name: iterations or queries}.
-    eps: pixel units; norm: 'linf' | 'l2'.
+    eps: pixel units; norm: 'linf' | 'l2' | 'l1'.
+    attack_settings: per-attack settings a suite fixes (`attacks.suites.suite_settings`).
+    dropout: a rate > 0 evaluates a randomised model (dropout on at evaluation, drawn per row
+      from the row's key: `random_logits_fn`); None / 0: the deterministic model.
     class_subset: restrict predictions to these classes (e.g. ImageNet-R's 200); labels are
       remapped to the subset.
     mesh: default this process's devices. batch_size: rows per compiled call (default: the first
@@ -178,7 +196,9 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
   count = len(domains)
   params = host_local(params)
   subset = None if class_subset is None else tuple(int(c) for c in class_subset)
-  logits_fn = model_logits_fn(model, subset)
+  randomised = bool(dropout)
+  logits_fn = (random_logits_fn(model, float(dropout), subset) if randomised
+               else model_logits_fn(model, subset))
   mesh = mesh or parallel.make_mesh(jax.local_devices())
   names = tuple(attacks)
   budgets = dict(budgets or {})
@@ -217,7 +237,8 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
     else:
       result = robust_accuracy(logits_fn, rows(chunk), eps=eps, norm=norm, attacks=names,
                                num_steps=budgets or 1, params=params, mesh=mesh, seed=seed,
-                               batch_size=batch_size)
+                               batch_size=batch_size, attack_settings=attack_settings,
+                               randomised=randomised)
       cc, bb = result.clean_correct, result.broken_by
       if outside:  # never right: a clean error, not attacked into one
         wrong = np.concatenate(outside)

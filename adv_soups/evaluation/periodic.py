@@ -13,6 +13,8 @@ domains: the models to evaluate, a comma list of 'clean' (domain 0), 'adversaria
   numbers (the soup at that alpha); a single-domain run evaluates its one model ('model').
 dataset / split / num_examples / batch_size / eps: None = config.data.name, config.eval's,
   config.attack.eps. A num_examples larger than the split is clamped, with one note line.
+norm: None = config.attack.norm; 'l1' (evaluation only: training attacks are l_inf / l_2) needs
+  its own eps.
 Metrics are named '<entry>/<model>/clean_accuracy' and '<entry>/<model>/robust_accuracy'.
 These settings leave the training trajectory alone, so a resumed run may change them.
 """
@@ -33,7 +35,7 @@ from adv_soups.evaluation import requests as requests_lib
 from adv_soups.evaluation import run as run_lib
 
 FIELDS = ("every", "attack", "steps", "domains", "dataset", "split", "num_examples",
-          "batch_size", "eps")
+          "batch_size", "eps", "norm")
 _noted: set[tuple] = set()
 
 
@@ -44,7 +46,7 @@ def evaluator(every: int = 500, attack: str = "pgd", domains: str = "clean,adver
   entry = ml_collections.ConfigDict(dict(
       every=every, attack=attack, domains=domains, steps=placeholder(int),
       dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
-      batch_size=placeholder(int), eps=placeholder(float)))
+      batch_size=placeholder(int), eps=placeholder(float), norm=placeholder(str)))
   entry.update(overrides)
   return entry
 
@@ -118,9 +120,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"{where}.attack: {n} needs >= {suites.ATTACKS[n].min_classes} "
                          f"classes, {dataset!r} has {spec.num_classes}")
     eps = entry.get("eps", None)
-    if eps is not None and not (0 <= eps <= (1 if config.attack.norm == "linf" else np.inf)):
-      raise ValueError(f"{where}.eps={eps} is outside the allowed range for "
-                       f"{config.attack.norm}")
+    norm = entry.get("norm", None) or config.attack.norm
+    if norm not in ("linf", "l2", "l1"):
+      raise ValueError(f"{where}.norm={norm!r}: allowed linf, l2, l1")
+    try:
+      suites.check_norm(names, norm)
+    except ValueError as e:
+      raise ValueError(f"{where}.attack: {e}") from None
+    if norm == "l1" and eps is None and names:
+      raise ValueError(f"{where}.norm=l1 needs its own {where}.eps (an l_1 radius in pixels)")
+    if eps is not None and not (0 <= eps <= (1 if norm == "linf" else np.inf)):
+      raise ValueError(f"{where}.eps={eps} is outside the allowed range for {norm}")
 
 
 def due(config: ml_collections.ConfigDict, step: int, last: bool) -> list[str]:
@@ -145,6 +155,7 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
     columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
     request = requests_lib.make_request(
         workdir, attack=entry.get("attack", "none"), eps=entry.get("eps", None),
+        norm=entry.get("norm", None),
         steps=entry.get("steps", None), dataset=entry.get("dataset", None),
         split=entry.get("split", None), num_examples=entry.get("num_examples", None),
         batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
@@ -157,6 +168,7 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
         model, params, request.batches(request.dataset, request.split, request.num_examples),
         columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
         norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
+        attack_settings=request.attack_settings,
         index_offset=request.offset(request.dataset, request.split, request.num_examples)))
     for a, label in enumerate(labels):
       metrics[f"{name}/{label}/clean_accuracy"] = float(result.clean_correct[:, a].mean())

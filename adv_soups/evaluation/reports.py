@@ -43,8 +43,12 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
                  mode=loaded.config.train.get("mode")),
       dataset=request.dataset, split=request.split, num_examples=main.num_examples,
       attack=dict(names=[suites.display(n) for n in names], attacks=main.attacks if names else [],
-                  description=request.description, suite=suites.suite_label(request.attacks),
-                  budgets=request.budgets),
+                  description=request.description,
+                  suite=suites.suite_label(request.attacks, getattr(request, "version", None)),
+                  version=getattr(request, "version", None), budgets=request.budgets,
+                  settings=dict(getattr(request, "attack_settings", {}) or {})),
+      randomised_model=(dict(dropout=request.dropout, keyed="per example and per draw")
+                        if getattr(request, "dropout", None) else None),
       eps=request.eps, norm=request.norm, alphas=request.alphas, columns=request.labels,
       single_domain=loaded.num_domains == 1, notes=list(request.notes), results=rows,
       shifts=shifts, selection=selection, warnings=warnings, wall_time_s=wall_time_s)
@@ -83,6 +87,16 @@ def _header(report: dict) -> list[str]:
     lines.append(f"Attack: {report['attack']['description']}, {report['norm']} "
                  f"eps={report['eps']:.6g}" + (" (each soup attacked in its own right)"
                                                if report["kind"] == "sweep" else ""))
+    version = report["attack"].get("version")
+    settings = [f"{suites.display(a['name'])}: " + ", ".join(
+        f"{k}={a[k]}" for k in ("num_steps", "restarts", "num_targets", "num_queries",
+                                "largereps", "eot_draws") if k in a)
+        for a in report["attack"]["attacks"]]
+    lines.append(f"Version: {version or 'none (attacks named one by one)'}; settings: "
+                 + "; ".join(settings))
+  if report.get("randomised_model"):
+    lines.append(f"Model: randomised (dropout {report['randomised_model']['dropout']:g} on at "
+                 "evaluation, keyed per example and per draw)")
   else:
     lines.append("Attack: none (clean accuracy only)")
   lines += [f"Note: {n}" for n in report["notes"]]

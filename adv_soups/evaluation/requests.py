@@ -150,6 +150,9 @@ class Request:
   seed: int = 0
   selection: Selection | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
+  version: str | None = None  # 'standard' / 'rand' when a suite name was asked for
+  attack_settings: dict[str, dict] = dataclasses.field(default_factory=dict)
+  dropout: float | None = None  # > 0: a randomised model (dropout on at evaluation)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -158,7 +161,8 @@ class Request:
   @property
   def description(self) -> str:
     """What attacks ran, in words (never calls a partial suite AutoAttack)."""
-    return suites.describe(self.attacks, self.budgets)
+    return suites.describe(self.attacks, self.budgets, self.attack_settings, self.version,
+                           self.norm)
 
   def data_batch_size(self, columns: int | None = None) -> int:
     """Examples per data batch when each is expanded to `columns` rows: ceil(batch_size / A),
@@ -236,6 +240,12 @@ class Request:
       attack = "+".join(f"{a}{self.budgets[a]}" for a in self.attacks)
       if tuple(self.attacks) == suites.STANDARD_AUTOATTACK:
         attack = f"autoattack{self.budgets['apgd-ce']}-sq{self.budgets['square']}"
+      if self.version == "rand":
+        attack = f"autoattack-rand{self.budgets['apgd-ce']}"
+      draws = {s.get("eot_draws") for s in self.attack_settings.values()} - {None}
+      attack += "".join(f"-eot{d}" for d in sorted(draws))
+      if any(s.get("largereps") for s in self.attack_settings.values()):
+        attack += "-l1sched"
       threat = f"_{self.norm}-eps{_eps_text(self.eps)}"
     else:
       attack, threat = "clean", ""
@@ -249,8 +259,9 @@ class Request:
     shifts = ("_shifts-" + "-".join(g for g, _ in self.shifts)) if self.shifts else ""
     sel = (f"_select-{self.selection.dataset}-{self.selection.split}{self.selection.n}"
            if self.selection else "")
+    rand = f"_dropout{self.dropout:g}" if self.dropout else ""
     text = (f"{kind}_{self.dataset}-{self.split}_n{n}_{attack}{threat}_{cols}{shifts}{sel}"
-            f"_step{self.loaded.step}")
+            f"{rand}_step{self.loaded.step}")
     return re.sub(r"[^A-Za-z0-9_.+\-]", "-", text)
 
 
@@ -267,8 +278,14 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  num_examples: int | None = None, batch_size: int | None = None,
                  shifts: Any = (), step: int | None = None, data_dir: str | None = None,
                  alphas: Sequence[float] | None = None, domain: int | None = None,
-                 select_alpha_on: str | None = None, loaded: Any = None) -> Request:
+                 select_alpha_on: str | None = None, loaded: Any = None,
+                 eot_draws: int | None = None, dropout: float | None = None) -> Request:
   """Checks a request and restores the model (unless `loaded` is given), compiling nothing.
+
+  `attack='autoattack-rand'` is AutoAttack's version for randomised defences (APGD-CE and
+  APGD-DLR with EOT over `eot_draws` draws per gradient, default 20); `dropout` (a rate in
+  (0, 1)) evaluates a randomised model: dropout on at evaluation (training-time dropout is
+  otherwise off). norm 'l1' is allowed for every attack but PGD.
 
   Exactly one of `alphas` (soups; [0] for a single-domain model) or `domain` names the columns.
   Defaults come from the workdir's config: eps / norm from config.attack, PGD's steps from
@@ -279,18 +296,34 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
   """
   from adv_soups import loading  # loading builds on the attacks table; import late
   names = suites.parse_suite(attack)
+  version = suites.version_of(attack)
+  if eot_draws is not None:
+    from adv_soups.attacks import eot
+    eot.check_draws(eot_draws)
+  if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+    raise ValueError(f"--eval_dropout={dropout} must be in [0, 1) (0: a deterministic model)")
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
   if loaded is None:
     loading.checkpoint_step(workdir, step)
   norm = norm or config.attack.norm
-  if norm not in ("linf", "l2"):
-    raise ValueError(f"unknown norm {norm!r}: allowed linf, l2")
+  if norm not in ("linf", "l2", "l1"):
+    raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
+  suites.check_norm(names, norm)
+  settings = suites.suite_settings(version, norm, names, eot_draws)
+  if eps is None and norm == "l1":  # training is never l_1: its eps means another ball
+    raise ValueError("--norm=l1 needs its own --eps (an l_1 radius in pixel units, e.g. 1 = one "
+                     "pixel moved all the way); the run's config.attack.eps is a "
+                     f"{config.attack.norm} radius")
   eps = cli.parse_eps(config.attack.eps if eps is None else eps, norm)
   for flag, value in (("steps", steps), ("square_queries", square_queries),
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):
       raise ValueError(f"--{flag}={value} must be an integer >= 1")
   budgets = suites.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
+  for n, s in settings.items():
+    if s.get("largereps"):
+      from adv_soups.attacks import apgd
+      apgd.check_largereps(norm, budgets[n], True)
   dataset = dataset or config.data.name
   spec = check_dataset(dataset, config)
   for n in names:
@@ -322,7 +355,8 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  num_examples=num_examples,
                  batch_size=int(batch_size or config.eval.batch_size), shifts=groups,
                  data_dir=data_dir, seed=int(config.get("seed", 0)), selection=selection,
-                 notes=notes)
+                 notes=notes, version=version, attack_settings=settings,
+                 dropout=float(dropout) if dropout else None)
 
 
 def _columns(config, num_domains: int, alphas, domain):

@@ -96,7 +96,8 @@ def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = N
         batch_size=batch_rows(request, request.dataset, request.split, request.num_examples,
                                len(columns)),
         store=store, chunk_batches=chunk_batches,
-        index_offset=request.offset(request.dataset, request.split, request.num_examples))
+        index_offset=request.offset(request.dataset, request.split, request.num_examples),
+        attack_settings=request.attack_settings, dropout=request.dropout)
     main = engine.gather(main)
     if run_checks and "square" in request.attacks:
       warnings += _square_check(request, main)
@@ -141,7 +142,8 @@ def _shifts(request: Request, bar: Progress) -> dict:
           model, params, bar.wrap(request.batches(name, None, request.num_examples), name),
           request.columns, class_subset=spec.class_subset,
           batch_size=batch_rows(request, name, None, request.num_examples, count),
-          index_offset=request.offset(name, None, request.num_examples)))
+          index_offset=request.offset(name, None, request.num_examples),
+          dropout=request.dropout))
       per_dataset[name] = result.clean_correct.mean(0).tolist()
       counts[name] = result.num_examples
     entry = dict(mean=np.mean(list(per_dataset.values()), axis=0).tolist(),
@@ -166,7 +168,7 @@ def _select_alpha(request: Request, bar: Progress) -> dict:
       model, params, bar.wrap(request.batches(sel.dataset, sel.selection_split), sel.dataset),
       request.columns, class_subset=spec.class_subset,
       batch_size=batch_rows(request, sel.dataset, sel.selection_split, None,
-                             len(request.columns))))
+                             len(request.columns)), dropout=request.dropout))
   accuracy = choose.clean_correct.mean(0)
   best = int(np.argmax(accuracy))  # ties: the first (smallest) alpha
   chosen = request.alphas[best]
@@ -175,7 +177,8 @@ def _select_alpha(request: Request, bar: Progress) -> dict:
       model, params, bar.wrap(request.batches(sel.dataset, sel.heldout_split, columns=3),
                               sel.dataset),
       np.asarray(soups.mix_weights(scored), np.float32), class_subset=spec.class_subset,
-      batch_size=batch_rows(request, sel.dataset, sel.heldout_split, None, len(scored))))
+      batch_size=batch_rows(request, sel.dataset, sel.heldout_split, None, len(scored)),
+      dropout=request.dropout))
   held_acc = dict(zip(scored, held.clean_correct.mean(0).tolist()))
   return dict(dataset=sel.dataset, selection_split=sel.selection_split,
               heldout_split=sel.heldout_split, num_selection=choose.num_examples,
@@ -217,10 +220,20 @@ def _masking_checks(request: Request, spec) -> list[str]:
   jitted = _jitted(logits_fn)
   # compiled once per model and shape, across requests
   f = lambda x: jitted(params, x, engine.per_example_domain(column, len(x)))
+  if request.dropout:  # a randomised model: each call of the check draws anew (keyed by calls)
+    rand_fn = _jitted(engine.random_logits_fn(model, request.dropout, None if spec.class_subset
+                                              is None else tuple(spec.class_subset)))
+    calls = iter(range(1 << 30))
+    f = lambda x: rand_fn(params, x, engine.per_example_domain(column, len(x)), jax.vmap(
+        lambda i, c=next(calls): jax.random.fold_in(jax.random.PRNGKey(c), i))(
+            np.arange(len(x))))
   images = batch["image"]
   logits = np.asarray(f(images))
+  randomized = checks.check_randomized(f, images, labels)
+  if request.version == "rand":  # the warning's advice is what runs
+    randomized = None
   found = [checks.check_n_classes(logits.shape[-1], request.attacks, suites.NUM_TARGETS),
-           checks.check_randomized(f, images, labels),
+           randomized,
            checks.check_probabilities(logits),
            checks.check_dynamic(raw, images)]
   # Zero DLR gradients only on the points the attacks will see (the correctly classified ones):
