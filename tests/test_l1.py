@@ -122,6 +122,7 @@ def _l1_dist(x_adv, x):
 APGD_TOLERANCE = 1.10  # l_1-APGD breaks every example at 1.10 x the minimal distance
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine
 def test_apgd_l1_reaches_the_minimal_l1_distance_of_a_linear_model(linear_problem):
   logits_fn, x, y, dist = linear_problem
   run = jax.jit(lambda eps: apgd.apgd(logits_fn, x, y, jax.random.PRNGKey(0), eps=eps,
@@ -142,6 +143,7 @@ def test_fab_t_l1_reaches_the_minimal_l1_distance(linear_problem):
   assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.01), ratio
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine
 def test_square_l1_reaches_the_optimum_of_a_uniform_linear_model():
   """w = 1 everywhere: any perturbation that adds mass is optimal, the minimal l_1 distance is the
   margin (1 here). Square's l_1 form breaks every example at 1.5 x that, none below it."""
@@ -180,6 +182,7 @@ def test_l1_suite_settings_and_name():
     apgd.check_largereps("linf", 100, True)
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine
 def test_runner_l1_suite_same_seed_same_numbers_when_rows_regroup(linear_problem):
   _, x, y, _ = linear_problem
   w = np.random.default_rng(0).normal(size=16).astype(np.float32)

@@ -94,11 +94,11 @@ def _header(report: dict) -> list[str]:
         for a in report["attack"]["attacks"]]
     lines.append(f"Version: {version or 'none (attacks named one by one)'}; settings: "
                  + "; ".join(settings))
+  else:
+    lines.append("Attack: none (clean accuracy only)")
   if report.get("randomised_model"):
     lines.append(f"Model: randomised (dropout {report['randomised_model']['dropout']:g} on at "
                  "evaluation, keyed per example and per draw)")
-  else:
-    lines.append("Attack: none (clean accuracy only)")
   lines += [f"Note: {n}" for n in report["notes"]]
   lines += [f"Warning: {w}" for w in report.get("warnings", [])]
   return lines

@@ -246,7 +246,7 @@ class Request:
       attack += "".join(f"-eot{d}" for d in sorted(draws))
       if any(s.get("largereps") for s in self.attack_settings.values()):
         attack += "-l1sched"
-      threat = f"_{self.norm}-eps{_eps_text(self.eps)}"
+      threat = f"_{self.norm}-eps{_eps_text(self.eps) if self.norm != 'l1' else f'{self.eps:g}'}"
     else:
       attack, threat = "clean", ""
     if self.alphas is not None and len(self.alphas) > 1:
