@@ -16,6 +16,7 @@ from typing import Any
 
 from adv_soups import cli, parallel
 from adv_soups.evaluation import reports, requests, run
+from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ATTACK = "autoattack"
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
       ("integer", "domain", None, "Domain id instead of --alpha (0 = clean, 1 = adversarial)."),
       ("string", "eps_grid", None, "Opt-in check: robust accuracy at each of these eps (comma "
        "list); warns when it rises with eps."),
+      PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
   try:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
   if not v.workdir:
     cli.fail("--workdir=DIR is required")
   kwargs = cli.request_kwargs(v)
+  kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
   try:
     request = plan_one(v.workdir, alpha=v.alpha, domain=v.domain, **kwargs)

@@ -22,14 +22,10 @@ import numpy as np
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import soups
 from adv_soups import workdir as workdir_lib
-from adv_soups.attacks import apgd as apgd_lib
-from adv_soups.attacks import fab as fab_lib
-from adv_soups.attacks import pgd as pgd_lib
-from adv_soups.attacks import square as square_lib
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 from adv_soups.models import create_model, init_params
 
-LOAD_ATTACKS = tuple(suites.ATTACKS)  # one attack at a time; suites run through `evaluate`
+PRECISIONS = ("float32", "model")  # evaluation's compute dtype: float32 always, or the config's
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> tuple[int, str]:
@@ -139,52 +135,64 @@ class LoadedModel:
       images: float32 [B, H, W, C] in [0, 1]; labels: int [B].
       eps: radius in pixel units (a float or '4/255'); default the run's config.attack.eps
         (norm config.attack.norm).
-      steps: the attack's budget; default the table's (`attacks.suites`): config.eval.attack_steps
+      steps: the attack's budget (>= 1); default the registry entry's: config.eval.attack_steps
         for PGD, 100 iterations for APGD and FAB, 5,000 queries for Square.
-      attack: one attack of `attacks.suites.ATTACKS`: 'pgd' (PGD-k, CE, step 2.5 eps / k,
-        random start), 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t' (its points may lie outside
-        eps: FAB is a minimal-distortion attack) or 'square'. For robust accuracy under a
-        whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
+      attack: one attack of the registry (`attacks.registry.ATTACKS`): 'pgd' (PGD-k, CE, step
+        2.5 eps / k, random start), 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t' (its points may lie
+        outside eps: FAB is a minimal-distortion attack), 'square', or any registered one. For
+        robust accuracy under a whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
-      norm: 'linf', 'l2' or 'l1' (every attack but PGD; l1 needs `eps`); default the run's
-        config.attack.norm.
+      norm: 'linf', 'l2' or 'l1' (every attack but PGD; another norm than the run's needs
+        `eps`); default the run's config.attack.norm. l_1 runs the standard version's l_1
+        settings (APGD-CE: 5 restarts, APGD-T: 5 targets, both with the 3 / 2 / 1 eps schedule).
+    The attack runs with full-precision (float32, 'highest') matmuls.
     """
     from adv_soups import cli  # local: keeps `import adv_soups` light
-    if attack not in LOAD_ATTACKS:
-      raise ValueError(f"unknown attack {attack!r}: allowed {', '.join(LOAD_ATTACKS)}")
+    entry = registry.get(attack)
     norm = norm or self.config.attack.norm
     if norm not in ("linf", "l2", "l1"):
       raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
-    suites.check_norm((attack,), norm)
+    registry.check_norm((attack,), norm)
     if eps is None and norm != self.config.attack.norm:
       raise ValueError(f"norm={norm!r} needs its own eps (the run's eps is a "
                        f"{self.config.attack.norm} radius)")
     eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
-    if steps is None:
-      steps = suites.resolve_steps((attack,), None, int(self.config.eval.attack_steps))[attack]
+    budget = registry.resolve_budgets(
+        (attack,), None if steps is None else {attack: steps},
+        pgd_steps=int(self.config.eval.attack_steps))[attack]
     images = self._images(images)
     labels = np.asarray(labels, np.int32)
-    key = (attack, int(steps), norm)
+    key = (id(entry), budget, norm)
     if key not in self._attacks:
-      self._attacks[key] = jax.jit(self._attack_fn(attack, int(steps), norm))
+      self._attacks[key] = jax.jit(self._attack_fn(entry, budget, norm))
     return self._attacks[key](self.params, images, labels, self.domain(alpha, len(images)),
                               np.float32(eps), jax.random.PRNGKey(seed))
 
-  def _attack_fn(self, attack: str, steps: int, norm: str):
+  def _attack_fn(self, entry: registry.Attack, budget: int, norm: str):
+    settings = entry.settings_for(norm)
+
     def fn(params, images, labels, domain, eps, rng):
-      logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
-      common = dict(eps=eps, norm=norm)
-      if attack == "pgd":
-        return pgd_lib.pgd(logits_fn, images, labels, rng, num_steps=steps, **common)
-      if attack in ("apgd-ce", "apgd-dlr"):
-        return apgd_lib.apgd(logits_fn, images, labels, rng, num_steps=steps, loss=attack[5:],
-                             **common)
-      if attack == "apgd-t":
-        return apgd_lib.apgd_t(logits_fn, images, labels, rng, num_steps=steps, **common)
-      if attack == "fab-t":
-        return fab_lib.fab_t(logits_fn, images, labels, rng, num_steps=steps, **common)
-      return square_lib.square(logits_fn, images, labels, rng, num_queries=steps, **common)
+      with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
+        logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
+        return entry.run_full(logits_fn, images, labels, rng, eps=eps, norm=norm,
+                              budget=budget, settings=settings)
     return fn
+
+  def with_precision(self, precision: str = "float32") -> "LoadedModel":
+    """This model for evaluation: 'float32' rebuilds a model whose config computes in bfloat16
+    with float32 compute (the parameters are float32 already; same parameters, no copy);
+    'model' keeps the config's compute dtype. ValueError for another value."""
+    if precision not in PRECISIONS:
+      raise ValueError(f"unknown precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if precision == "model" or compute_dtype(self.config) == "float32":
+      return self
+    model = create_model(dict(self.config.model.to_dict(), dtype="float32"))
+    return dataclasses.replace(self, model=model)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> str:
+  """The compute dtype the run's config asks for ('float32' or 'bfloat16')."""
+  return str(config.model.get("dtype", "float32") or "float32")
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from adv_soups import cli, parallel
 from adv_soups.evaluation import reports, requests, run
+from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ALPHAS = "0:1:11"
 DEFAULT_ATTACK = "pgd"
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
       ("bool", "extrapolate", False, "Allow alphas outside [0, 1]."),
       ("string", "select_alpha_on", None,
        "NAME:SPLIT[:N]: choose alpha on SPLIT[:N] of NAME, report it on SPLIT[N:]."),
+      PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
   try:
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
   if not v.workdir:
     cli.fail("--workdir=DIR is required")
   kwargs = cli.request_kwargs(v)
+  kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
   try:
     request = plan_sweep(v.workdir, v.alphas, extrapolate=v.extrapolate,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_soups.attacks import checks, eot, runner, suites
+from adv_soups.attacks import checks, eot, registry, runner
 
 N_FEATURES, N_EXAMPLES = 64, 16
 K_FREQ, RATIO = 1000.0, 10.0
@@ -41,10 +41,10 @@ def problem():
 
 def _run(problem, draws, batches=None, batch_size=None):
   logits_fn, batch = problem
-  settings = {} if draws is None else suites.suite_settings("rand", "linf", ("apgd-ce",), draws)
   return runner.robust_accuracy(
       logits_fn, batches or [batch], eps=0.1, norm="linf", attacks="apgd-ce", num_steps=100,
-      randomised=True, attack_settings=settings, batch_size=batch_size,
+      randomised=True, version="standard" if draws is None else "rand", eot_draws=draws,
+      batch_size=batch_size,
       mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
 
 
@@ -92,15 +92,17 @@ def test_bad_settings_are_refused():
   with pytest.raises(ValueError, match="integer >= 1"):
     eot.check_draws(0)
   with pytest.raises(ValueError, match="apply to apgd-ce, apgd-dlr only"):
-    suites.suite_settings(None, "linf", ("apgd-ce", "apgd-t"), 5)
-  assert suites.suite_settings("rand", "linf", suites.RAND_AUTOATTACK) == {
-      "apgd-ce": {"eot_draws": 20}, "apgd-dlr": {"eot_draws": 20}}
+    registry.check_eot(("apgd-ce", "apgd-t"), 5)
+  assert registry.parse_suite("autoattack-rand") == ("apgd-ce", "apgd-dlr")
+  assert registry.version_of("autoattack-rand") == "rand"
+  for name in registry.RAND_AUTOATTACK:
+    assert registry.get(name).settings_for("linf", "rand")["eot_draws"] == 20
   budgets = {"apgd-ce": 100, "apgd-dlr": 100}
-  rand = suites.suite_settings("rand", "linf", suites.RAND_AUTOATTACK)
-  assert suites.describe(suites.RAND_AUTOATTACK, budgets, rand, "rand").startswith(
-      "AutoAttack, rand version")
-  fewer = suites.suite_settings("rand", "linf", suites.RAND_AUTOATTACK, 5)
-  assert "AutoAttack" not in suites.describe(suites.RAND_AUTOATTACK, budgets, fewer, "rand")
+  text = registry.describe(registry.RAND_AUTOATTACK, budgets, "rand")
+  assert text.startswith("AutoAttack, rand version") and "EOT 20 draws" in text
+  fewer = registry.describe(registry.RAND_AUTOATTACK, budgets, "rand", eot_draws=5)
+  assert not fewer.startswith("AutoAttack") and "not AutoAttack's rand version" in fewer
+  assert "EOT 5 draws" in fewer
 
 
 def test_randomness_warning_names_the_rand_version():

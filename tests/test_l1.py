@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_soups.attacks import apgd, fab, l1, runner, square, suites
+from adv_soups.attacks import apgd, fab, l1, registry, runner, square
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,17 +165,20 @@ def test_square_l1_reaches_the_optimum_of_a_uniform_linear_model():
 # The suite through the runner
 # ---------------------------------------------------------------------------------------------
 def test_l1_suite_settings_and_name():
-  s = suites.suite_settings("standard", "l1", suites.STANDARD_AUTOATTACK)
-  assert s == {"apgd-ce": dict(restarts=5, largereps=True),
-               "apgd-t": dict(num_targets=5, largereps=True)}
-  assert suites.suite_settings("standard", "linf", suites.STANDARD_AUTOATTACK) == {}
-  budgets = suites.resolve_steps(suites.STANDARD_AUTOATTACK, None, 10)
-  text = suites.describe(suites.STANDARD_AUTOATTACK, budgets, s, "standard", "l1")
-  assert text.startswith("AutoAttack, standard version (l1)") and "5 restarts" in text
-  # The four attacks without the l_1 settings are not AutoAttack's l_1 version.
-  assert "AutoAttack" not in suites.describe(suites.STANDARD_AUTOATTACK, budgets, {}, None, "l1")
+  ce, t = registry.get("apgd-ce"), registry.get("apgd-t")
+  assert ce.settings_for("l1") == dict(restarts=5, loss="ce", largereps=True)
+  assert t.settings_for("l1") == dict(restarts=1, loss="dlr-targeted", targets=5, largereps=True)
+  assert not ce.settings_for("linf").get("largereps") and t.settings_for("linf")["targets"] == 9
+  assert registry.get("fab-t").settings_for("l1")["targets"] == 9
+  budgets = registry.resolve_steps(registry.STANDARD_AUTOATTACK, None, 10)
+  text = registry.describe(registry.STANDARD_AUTOATTACK, budgets, "standard", "l1")
+  assert text.startswith("AutoAttack, standard version (l1)")
+  assert "APGD-CE: 5 restarts, eps schedule 3/2/1 eps" in text and "5 targets" in text
+  budgets["apgd-ce"] = 50  # other budgets: not AutoAttack
+  assert "AutoAttack, standard" not in registry.describe(registry.STANDARD_AUTOATTACK, budgets,
+                                                         "standard", "l1")
   with pytest.raises(ValueError, match="'pgd' has no l1 form"):
-    suites.check_norm(("pgd",), "l1")
+    registry.check_norm(("pgd",), "l1")
   with pytest.raises(ValueError, match="num_steps >= 3"):
     apgd.check_largereps("l1", 2, True)
   with pytest.raises(ValueError, match="l_1-APGD's"):
@@ -195,8 +198,7 @@ def test_runner_l1_suite_same_seed_same_numbers_when_rows_regroup(linear_problem
   dist = np.array([min_l1_distance(flat[i], w, need[i]) if need[i] > 0 else 0.0
                    for i in range(len(x))])
   eps = float(np.median(dist))
-  settings = suites.suite_settings("standard", "l1", suites.STANDARD_AUTOATTACK)
-  kwargs = dict(eps=eps, norm="l1", attacks="autoattack", attack_settings=settings,
+  kwargs = dict(eps=eps, norm="l1", attacks="autoattack",
                 num_steps={"apgd-ce": 6, "apgd-t": 6, "fab-t": 5, "square": 20},
                 mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
   one = runner.robust_accuracy(logits4, [dict(image=x, label=y)], batch_size=16, **kwargs)
@@ -204,9 +206,9 @@ def test_runner_l1_suite_same_seed_same_numbers_when_rows_regroup(linear_problem
                                            dict(image=x[5:], label=y[5:])], batch_size=4,
                                  **kwargs)
   assert one.attacks[0]["restarts"] == 5 and one.attacks[0]["largereps"]
-  assert one.attacks[1]["num_targets"] == 3  # min(5, K - 1)
+  assert one.attacks[1]["targets"] == 3  # min(5, K - 1)
   np.testing.assert_array_equal(one.broken_by, other.broken_by)
   assert 0 < one.robust_accuracy < 1  # the median eps breaks some examples, not all
-  with pytest.raises(ValueError, match="no l1 form"):
+  with pytest.raises(ValueError, match="does not support norm 'l1'"):
     runner.robust_accuracy(logits4, [dict(image=x, label=y)], eps=1.0, norm="l1",
                            attacks="pgd", num_steps=2)

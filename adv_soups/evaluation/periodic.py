@@ -29,7 +29,7 @@ from ml_collections.config_dict import placeholder
 
 from adv_soups import data as data_lib
 from adv_soups import soups
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry, suites
 from adv_soups.evaluation import engine
 from adv_soups.evaluation import requests as requests_lib
 from adv_soups.evaluation import run as run_lib
@@ -124,7 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if norm not in ("linf", "l2", "l1"):
       raise ValueError(f"{where}.norm={norm!r}: allowed linf, l2, l1")
     try:
-      suites.check_norm(names, norm)
+      registry.check_norm(names, norm)
     except ValueError as e:
       raise ValueError(f"{where}.attack: {e}") from None
     if norm == "l1" and eps is None and names:
@@ -168,7 +168,7 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
         model, params, request.batches(request.dataset, request.split, request.num_examples),
         columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
         norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
-        attack_settings=request.attack_settings,
+        version=request.version, eot_draws=request.eot_draws,
         index_offset=request.offset(request.dataset, request.split, request.num_examples)))
     for a, label in enumerate(labels):
       metrics[f"{name}/{label}/clean_accuracy"] = float(result.clean_correct[:, a].mean())
@@ -185,7 +185,7 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
     budgets = suites.resolve_steps(names, e.get("steps", None), int(config.eval.attack_steps))
     every = e.get("every", 0)
     out.append(f"{name}: {e.get('domains')} on {e.get('dataset', None) or config.data.name}, "
-               f"{suites.describe(names, budgets)}, "
+               f"{registry.describe(names, budgets, registry.version_of(e.get('attack')), e.get('norm', None) or config.attack.norm)}, "
                + (f"every {every} steps" if every else "at the end"))
   return out
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 
 
 def build(request, kind: str, main, shifts: dict, selection: dict | None, warnings: list[str],
@@ -32,7 +32,7 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
                clean_accuracy=float(main.clean_correct[:, a].mean()))
     if names:
       row["robust_accuracy"] = float(main.robust[:, a].mean())
-      row["robust_accuracy_after"] = {suites.display(n): float(main.accuracy_after(j)[a])
+      row["robust_accuracy_after"] = {registry.display(n): float(main.accuracy_after(j)[a])
                                       for j, n in enumerate(names)}
     row["shifts"] = {g: e["mean"][a] for g, e in shifts.items()}
     rows.append(row)
@@ -42,16 +42,27 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
       model=dict(adapter=loaded.config.model.get("adapter"), num_domains=loaded.num_domains,
                  mode=loaded.config.train.get("mode")),
       dataset=request.dataset, split=request.split, num_examples=main.num_examples,
-      attack=dict(names=[suites.display(n) for n in names], attacks=main.attacks if names else [],
+      attack=dict(names=[registry.display(n) for n in names], attacks=main.attacks if names else [],
                   description=request.description,
-                  suite=suites.suite_label(request.attacks, getattr(request, "version", None)),
-                  version=getattr(request, "version", None), budgets=request.budgets,
-                  settings=dict(getattr(request, "attack_settings", {}) or {})),
+                  suite=registry.suite_label(request.attacks, request.budgets,
+                                             request.version, request.eot_draws),
+                  version=request.version, eot_draws=request.eot_draws,
+                  budgets=request.budgets),
       randomised_model=(dict(dropout=request.dropout, keyed="per example and per draw")
-                        if getattr(request, "dropout", None) else None),
+                        if request.dropout else None),
+      precision=_precision(request),
       eps=request.eps, norm=request.norm, alphas=request.alphas, columns=request.labels,
       single_domain=loaded.num_domains == 1, notes=list(request.notes), results=rows,
       shifts=shifts, selection=selection, warnings=warnings, wall_time_s=wall_time_s)
+
+
+def _precision(request) -> dict:
+  """What the numbers were computed in: the model's compute dtype, the attacks' matmuls."""
+  from adv_soups import loading
+  configured = loading.compute_dtype(request.config)
+  compute = configured if request.precision == "model" else "float32"
+  return dict(request=request.precision, config_dtype=configured, compute_dtype=compute,
+              matmul="highest")
 
 
 def one_model(report: dict) -> dict:
@@ -87,18 +98,20 @@ def _header(report: dict) -> list[str]:
     lines.append(f"Attack: {report['attack']['description']}, {report['norm']} "
                  f"eps={report['eps']:.6g}" + (" (each soup attacked in its own right)"
                                                if report["kind"] == "sweep" else ""))
-    version = report["attack"].get("version")
-    settings = [f"{suites.display(a['name'])}: " + ", ".join(
-        f"{k}={a[k]}" for k in ("num_steps", "restarts", "num_targets", "num_queries",
-                                "largereps", "eot_draws") if k in a)
-        for a in report["attack"]["attacks"]]
-    lines.append(f"Version: {version or 'none (attacks named one by one)'}; settings: "
-                 + "; ".join(settings))
+    lines.append(f"Version: {report['attack'].get('version', 'standard')}; settings: " + "; ".join(
+        f"{registry.display(a['name'])} " + ", ".join(
+            f"{k}={a[k]}" for k in ("budget", "restarts", "targets", "largereps", "eot_draws",
+                                    "loss") if k in a)
+        for a in report["attack"]["attacks"]))
   else:
     lines.append("Attack: none (clean accuracy only)")
   if report.get("randomised_model"):
     lines.append(f"Model: randomised (dropout {report['randomised_model']['dropout']:g} on at "
                  "evaluation, keyed per example and per draw)")
+  prec = report.get("precision")
+  if prec and prec["compute_dtype"] != "float32":
+    lines.append(f"Precision: the model computed in {prec['compute_dtype']} (as its config "
+                 "asks, --precision=model), not float32")
   lines += [f"Note: {n}" for n in report["notes"]]
   lines += [f"Warning: {w}" for w in report.get("warnings", [])]
   return lines
@@ -140,11 +153,14 @@ def format_table(report: dict) -> str:
         f"{sel['chosen_alpha']:.3g} vs {_pct(h['alpha_0'])}% at 0 (clean mode) and "
         f"{_pct(h['alpha_1'])}% at 1 (robust mode)")
   lines.append(f"Wall time {report['wall_time_s']:.1f} s")
-  spent = [(suites.display(a["name"]), a.get("seconds"), a.get("rows_attacked"))
+  spent = [(registry.display(a["name"]), a.get("seconds"), a.get("rows_attacked"),
+            a.get("compile_seconds"), a.get("rows_computed"))
            for a in report["attack"]["attacks"]]
-  if spent and all(t is not None for _, t, _ in spent):
-    lines.append("Time per attack (rows attacked): " + ", ".join(
-        f"{name} {t:.1f} s ({rows})" for name, t, rows in spent))
+  if spent and all(t is not None for _, t, *_ in spent):
+    lines.append("Time per attack (rows attacked / computed with padding; compilation "
+                 "separate): " + ", ".join(
+                     f"{name} {t:.1f} s ({rows}/{computed}; +{c or 0:.1f} s compiling)"
+                     for name, t, rows, c, computed in spent))
   if report.get("files"):
     lines.append(f"written to {report['files']['json']}")
   return "\n".join(lines)

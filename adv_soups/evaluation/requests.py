@@ -22,10 +22,13 @@ from adv_soups import cli
 from adv_soups import data as data_lib
 from adv_soups import soups
 from adv_soups import workdir as workdir_lib
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 
 SHIFT_FAMILIES = {"imagenet2012_corrupted": "imagenet2012", "cifar10_corrupted": "cifar10"}
 DEFAULT_SELECTION_EXAMPLES = 1000
+PRECISION_FLAG = ("string", "precision", "float32", "float32 (default): evaluate in float32 "
+                  "whatever the model's config computes in; model: the config's compute dtype "
+                  "(e.g. bfloat16). The attacks' matmuls run at full precision either way.")
 
 
 def parse_shifts(shifts: str | Sequence[str] | None) -> list[tuple[str, list[str]]]:
@@ -132,6 +135,8 @@ class Request:
   columns: int [A] domain ids or mixing weights [A, D]; labels: a name per column ('alpha0.5',
   'domain1'); alphas: the soup coefficients of the columns (None when the columns are domains).
   attacks / budgets: the suite, in order, and each attack's iterations (Square: queries).
+  precision: 'float32' (the model computes in float32 whatever its config says) or 'model'
+  (the config's compute dtype); the attacks' matmuls run at full precision either way.
   """
   loaded: Any
   columns: np.ndarray
@@ -150,8 +155,9 @@ class Request:
   seed: int = 0
   selection: Selection | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
-  version: str | None = None  # 'standard' / 'rand' when a suite name was asked for
-  attack_settings: dict[str, dict] = dataclasses.field(default_factory=dict)
+  precision: str = "float32"
+  version: str = registry.STANDARD  # 'rand' for --attack=autoattack-rand (EOT)
+  eot_draws: int | None = None  # None: the version's (rand: 20)
   dropout: float | None = None  # > 0: a randomised model (dropout on at evaluation)
 
   @property
@@ -161,8 +167,8 @@ class Request:
   @property
   def description(self) -> str:
     """What attacks ran, in words (never calls a partial suite AutoAttack)."""
-    return suites.describe(self.attacks, self.budgets, self.attack_settings, self.version,
-                           self.norm)
+    return registry.describe(self.attacks, self.budgets, self.version, self.norm,
+                             self.eot_draws)
 
   def data_batch_size(self, columns: int | None = None) -> int:
     """Examples per data batch when each is expanded to `columns` rows: ceil(batch_size / A),
@@ -238,15 +244,14 @@ class Request:
     n = "all" if self.num_examples is None else str(self.num_examples)
     if self.attacks:
       attack = "+".join(f"{a}{self.budgets[a]}" for a in self.attacks)
-      if tuple(self.attacks) == suites.STANDARD_AUTOATTACK:
+      if registry.is_reference(self.attacks, self.budgets):
         attack = f"autoattack{self.budgets['apgd-ce']}-sq{self.budgets['square']}"
-      if self.version == "rand":
-        attack = f"autoattack-rand{self.budgets['apgd-ce']}"
-      draws = {s.get("eot_draws") for s in self.attack_settings.values()} - {None}
-      attack += "".join(f"-eot{d}" for d in sorted(draws))
-      if any(s.get("largereps") for s in self.attack_settings.values()):
-        attack += "-l1sched"
-      threat = f"_{self.norm}-eps{_eps_text(self.eps) if self.norm != 'l1' else f'{self.eps:g}'}"
+      if self.version != registry.STANDARD:
+        attack = f"{self.version}-{attack}"
+      if self.eot_draws is not None:
+        attack += f"-eot{self.eot_draws}"
+      threat = (f"_{self.norm}-eps"
+                f"{_eps_text(self.eps) if self.norm != 'l1' else f'{self.eps:g}'}")
     else:
       attack, threat = "clean", ""
     if self.alphas is not None and len(self.alphas) > 1:
@@ -259,9 +264,10 @@ class Request:
     shifts = ("_shifts-" + "-".join(g for g, _ in self.shifts)) if self.shifts else ""
     sel = (f"_select-{self.selection.dataset}-{self.selection.split}{self.selection.n}"
            if self.selection else "")
-    rand = f"_dropout{self.dropout:g}" if self.dropout else ""
+    prec = "" if self.precision == "float32" else f"_precision-{self.precision}"
+    prec += f"_dropout{self.dropout:g}" if self.dropout else ""
     text = (f"{kind}_{self.dataset}-{self.split}_n{n}_{attack}{threat}_{cols}{shifts}{sel}"
-            f"{rand}_step{self.loaded.step}")
+            f"{prec}_step{self.loaded.step}")
     return re.sub(r"[^A-Za-z0-9_.+\-]", "-", text)
 
 
@@ -279,38 +285,38 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  shifts: Any = (), step: int | None = None, data_dir: str | None = None,
                  alphas: Sequence[float] | None = None, domain: int | None = None,
                  select_alpha_on: str | None = None, loaded: Any = None,
-                 eot_draws: int | None = None, dropout: float | None = None) -> Request:
+                 precision: str = "float32", eot_draws: int | None = None,
+                 dropout: float | None = None) -> Request:
   """Checks a request and restores the model (unless `loaded` is given), compiling nothing.
-
-  `attack='autoattack-rand'` is AutoAttack's version for randomised defences (APGD-CE and
-  APGD-DLR with EOT over `eot_draws` draws per gradient, default 20); `dropout` (a rate in
-  (0, 1)) evaluates a randomised model: dropout on at evaluation (training-time dropout is
-  otherwise off). norm 'l1' is allowed for every attack but PGD.
 
   Exactly one of `alphas` (soups; [0] for a single-domain model) or `domain` names the columns.
   Defaults come from the workdir's config: eps / norm from config.attack, PGD's steps from
   config.eval.attack_steps (APGD and FAB: 100, Square: 5,000 queries), dataset from config.data
   (split: config.eval.split or the dataset's evaluation split), num_examples / batch_size from
   config.eval, data_dir from config.data. Raises ValueError or FileNotFoundError with one line
-  naming the bad value and what is allowed.
+  naming the bad value and what is allowed. `precision`: 'float32' (default) evaluates a model
+  whose config computes in bfloat16 with float32 compute; 'model' keeps the config's dtype.
+  `attack='autoattack-rand'` is AutoAttack's version for randomised defences (APGD-CE and
+  APGD-DLR with EOT over `eot_draws` draws per gradient, default 20); `dropout` (a rate in
+  (0, 1)) evaluates a randomised model: dropout on at evaluation (training-time dropout is
+  otherwise off). norm 'l1' (every attack but PGD) needs its own eps.
   """
   from adv_soups import loading  # loading builds on the attacks table; import late
-  names = suites.parse_suite(attack)
-  version = suites.version_of(attack)
-  if eot_draws is not None:
-    from adv_soups.attacks import eot
-    eot.check_draws(eot_draws)
+  names = registry.parse_suite(attack)
+  version = registry.version_of(attack)
+  eot_draws = registry.check_eot(names, eot_draws)
   if dropout is not None and not 0.0 <= float(dropout) < 1.0:
     raise ValueError(f"--eval_dropout={dropout} must be in [0, 1) (0: a deterministic model)")
+  if precision not in loading.PRECISIONS:
+    raise ValueError(f"--precision={precision!r}: allowed {', '.join(loading.PRECISIONS)}")
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
   if loaded is None:
     loading.checkpoint_step(workdir, step)
   norm = norm or config.attack.norm
   if norm not in ("linf", "l2", "l1"):
     raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
-  suites.check_norm(names, norm)
-  settings = suites.suite_settings(version, norm, names, eot_draws)
-  if eps is None and norm == "l1":  # training is never l_1: its eps means another ball
+  registry.check_norm(names, norm)
+  if eps is None and norm == "l1" and names:  # training is never l_1: its eps is another ball's
     raise ValueError("--norm=l1 needs its own --eps (an l_1 radius in pixel units, e.g. 1 = one "
                      "pixel moved all the way); the run's config.attack.eps is a "
                      f"{config.attack.norm} radius")
@@ -319,15 +325,15 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):
       raise ValueError(f"--{flag}={value} must be an integer >= 1")
-  budgets = suites.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
-  for n, s in settings.items():
-    if s.get("largereps"):
-      from adv_soups.attacks import apgd
-      apgd.check_largereps(norm, budgets[n], True)
+  budgets = registry.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
+  for n in names:  # the l_1 eps schedule needs >= 3 iterations
+    from adv_soups.attacks import apgd
+    apgd.check_largereps(norm, budgets[n], registry.get(n).settings_for(norm, version).get(
+        "largereps", False))
   dataset = dataset or config.data.name
   spec = check_dataset(dataset, config)
   for n in names:
-    need = suites.ATTACKS[n].min_classes
+    need = registry.get(n).min_classes
     if spec.num_classes < need:
       raise ValueError(f"attack {n!r} needs >= {need} classes; {dataset!r} has "
                        f"{spec.num_classes}")
@@ -350,12 +356,13 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
       probe(data_dir, name, data_lib.get_spec(name).eval_split, size)
   if loaded is None:
     loaded = loading.load(workdir, step)
+  loaded = loaded.with_precision(precision)
   return Request(loaded=loaded, columns=columns, labels=labels, alphas=alphas, attacks=names,
                  budgets=budgets, eps=eps, norm=norm, dataset=dataset, split=split,
                  num_examples=num_examples,
                  batch_size=int(batch_size or config.eval.batch_size), shifts=groups,
                  data_dir=data_dir, seed=int(config.get("seed", 0)), selection=selection,
-                 notes=notes, version=version, attack_settings=settings,
+                 notes=notes, precision=precision, version=version, eot_draws=eot_draws,
                  dropout=float(dropout) if dropout else None)
 
 
