@@ -71,6 +71,23 @@ def test_same_seed_same_numbers_after_the_runner_regroups_rows(problem):
 
 
 @pytest.mark.slow  # tens of seconds on a loaded 2-core machine
+def test_rescoring_draws_are_independent_of_the_attack_queries():
+  """A coin-flip model (correct iff its draw says so): an attack that queries it 10 times sees a
+  wrong prediction almost surely; only a re-scoring draw of its own keeps about half of the
+  clean-correct points (re-using a draw the attack saw would count the best of its draws)."""
+  def coin(images, keys):
+    s = jax.vmap(lambda k: jax.random.rademacher(k, (), jnp.float32))(keys)
+    s = s * (1.0 + 0.01 * jnp.sum(jnp.sin(50.0 * images), axis=(1, 2, 3)))  # iterates move
+    return jnp.stack([s, -s], -1)
+  n = 128
+  batch = dict(image=np.full((n, 2, 2, 1), 0.5, np.float32), label=np.zeros(n, np.int32))
+  r = runner.robust_accuracy(coin, [batch], eps=0.1, norm="linf", attacks="apgd-ce",
+                             num_steps=10, randomised=True,
+                             mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  kept = r.robust_accuracy / r.clean_accuracy
+  assert 0.3 < r.clean_accuracy < 0.7 and 0.3 < kept < 0.7, (r.clean_accuracy, kept)
+
+
 def test_model_randomness_is_per_example_and_per_key():
   """Under vmap each row gets its own dropout mask from its own key: two copies of one image
   differ with different keys, agree with equal keys, and do not depend on the batch."""

@@ -179,6 +179,10 @@ def test_l1_suite_settings_and_name():
                                                          "standard", "l1")
   with pytest.raises(ValueError, match="'pgd' has no l1 form"):
     registry.check_norm(("pgd",), "l1")
+  from adv_soups.attacks import pgd
+  with pytest.raises(ValueError, match="unknown norm 'l1'"):  # no l_1 step in PGD
+    pgd.pgd(lambda z: z.reshape(len(z), -1)[:, :2], jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, int),
+            jax.random.PRNGKey(0), eps=1.0, num_steps=1, norm="l1")
   with pytest.raises(ValueError, match="num_steps >= 3"):
     apgd.check_largereps("l1", 2, True)
   with pytest.raises(ValueError, match="l_1-APGD's"):

@@ -19,6 +19,10 @@ one `lax.fori_loop`; restarts and APGD-T's targets are `lax.scan`s. Success (for
 targets) means a wrong prediction, as in AutoAttack, also for targeted losses.
 Random starts: uniform in the eps ball (AutoAttack scales its l_inf start to the cube's surface and
 puts its l_2 start on the sphere; we use the same start as `pgd`).
+norm "l1" runs l_1-APGD instead (`attacks.l1`: the top-k sparse step, the exact projection onto
+the l_1 ball and the box, its own sparsity schedule, optionally the 3 / 2 / 1 eps schedule);
+restarts, targets and the success rule are shared. `state_factory` lets EOT (`attacks.eot`)
+replace the one deterministic forward / backward pass per iterate.
 """
 from __future__ import annotations
 

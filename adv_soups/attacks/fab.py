@@ -1,4 +1,4 @@
-"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf and l_2.
+"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf, l_2, l_1.
 
 FAB looks for the *smallest* perturbation that changes the prediction, so its points may lie
 outside the eps ball: a FAB point breaks an example only if it is misclassified and
@@ -17,7 +17,8 @@ One iteration, from the current point x_k (x_0 = the clean image x for the first
   - if x_{k+1} is misclassified (one more forward pass), it is kept when it is the closest to x so
     far, and the iterate steps back towards x: x_{k+1} <- x + beta (x_{k+1} - x).
 Restarts r >= 1 start from a random point at distance min(best so far, eps) / 2 from x (uniform
-noise in [-1, 1]^n scaled to that l_inf norm / a Gaussian direction scaled to that l_2 norm),
+noise in [-1, 1]^n scaled to that l_inf norm / a Gaussian direction scaled to that l_2 or l_1
+norm),
 clipped to [0, 1]; AutoAttack's radius is eps / 2, the same for every example not yet broken
 within eps. eps is used only there and in `within_eps`. AutoAttack runs later restarts only on the
 examples not yet broken within eps; here every restart runs on every example and the closest
@@ -31,6 +32,9 @@ KKT solution d_i = clip(-lam w_i, -t_i, 1 - t_i), q_i = room / |w_i|), and lam >
 a concave piecewise-linear function of lam: one sort, two cumulative sums and a count give the
 segment that holds the root (no data-dependent indexing). Where the box makes the hyperplane
 unreachable, every coordinate moves all the way to its box edge (the closest the box gets).
+
+The l_1 projection (`l1.boundary_projection`, AutoAttack's `projection_l1`) moves the
+coordinates with the largest |w_i| first, each up to its box edge, until the hyperplane is reached.
 
 All of it runs per example with fixed shapes, `jnp.where` masks and one `lax.fori_loop` (restarts
 and targets `lax.scan`s), so it compiles once per input shape and works under `jax.jit`,

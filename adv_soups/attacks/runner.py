@@ -22,8 +22,10 @@ FAB point breaks an example only when it is misclassified *and* within eps.
 
 A randomised model (`randomised=True`: `logits_fn(..., keys)` takes one PRNG key per row, see
 `attacks.eot`) draws its randomness from the row's key (its example's global index) and the
-input, in every stage, the clean pass and each stage's final re-scoring included; the attacks
-with an EOT form (APGD-CE, APGD-DLR) average their gradients over `eot_draws` draws.
+input, in every stage, the clean pass and each stage's final re-scoring included (with draws of
+its own: keyed like the attack's queries, the re-scoring would repeat the very draw in which the
+attack saw its point misclassified, and count the best of its draws); the attacks with an EOT
+form (APGD-CE, APGD-DLR) average their gradients over `eot_draws` draws.
 """
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def _bind(logits_fn, params, domain, has_params, has_domain, model_keys=None):
 
 
 _MODEL_TAG = 0x6D6F64  # folds the model's randomness apart from the attacks' random starts
+_SCORE_TAG = 0x73636F  # the final re-scoring pass: draws independent of the attack's queries
 
 
 def _model_keys(rng, index, randomised):
@@ -145,10 +148,13 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, norm, budget, se
 
   def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
     with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
-      f = _bind(logits_fn, params, domain, has_params, has_domain,
-                _model_keys(rng, index, randomised))
+      keys = _model_keys(rng, index, randomised)
+      f = _bind(logits_fn, params, domain, has_params, has_domain, keys)
       x_adv = entry.stage(f, images, labels, rng, eps=eps, norm=norm, budget=budget, settings=s,
                           index=index, rank=rank, step_size=step_size)
+      if randomised:  # re-score with a draw the attack never saw (not the one it found wrong)
+        f = _bind(logits_fn, params, domain, has_params, has_domain,
+                  jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, _SCORE_TAG))
       return mask & ~entry.breaks(f, x_adv, images, labels, eps=eps, norm=norm)
   d = P(parallel.DATA_AXIS)
   sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),

@@ -246,7 +246,9 @@ class Request:
       attack = "+".join(f"{a}{self.budgets[a]}" for a in self.attacks)
       if registry.is_reference(self.attacks, self.budgets):
         attack = f"autoattack{self.budgets['apgd-ce']}-sq{self.budgets['square']}"
-      if self.version != registry.STANDARD:
+      if registry.is_rand_reference(self.attacks, self.budgets, self.version, self.eot_draws):
+        attack = f"autoattack-rand{self.budgets['apgd-ce']}"
+      elif self.version != registry.STANDARD:
         attack = f"{self.version}-{attack}"
       if self.eot_draws is not None:
         attack += f"-eot{self.eot_draws}"
