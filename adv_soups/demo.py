@@ -11,7 +11,7 @@ import sys
 import time
 
 from adv_soups import cli, training_cli
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 from adv_soups.evaluation import reports, requests, run
 
 DEMO_FLAGS = (("string", "attack", "apgd-ce", "Sweep attack: one of the attacks or suites of "
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     argv.append("--workdir=workdirs/digits_demo")
   attack = next((a.split("=", 1)[1] for a in argv if a.startswith("--attack=")), DEMO_FLAGS[0][2])
   try:  # checked before training, not after
-    suites.parse_suite(attack)
+    registry.parse_suite(attack)
   except ValueError as e:
     cli.fail(f"--attack={attack!r}: {e}")
   start = time.time()

@@ -68,9 +68,10 @@ class LoadedModel:
   params_item: str = "params"
 
   def __post_init__(self):
-    self._predict = jax.jit(
-        lambda params, images, domain: self.model.apply({"params": params}, images, domain,
-                                                        train=False))
+    def predict(params, images, domain):
+      with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
+        return self.model.apply({"params": params}, images, domain, train=False)
+    self._predict = jax.jit(predict)
     self._attacks: dict[tuple, Any] = {}
 
   @property

@@ -663,15 +663,17 @@ def test_bad_arguments_runner_and_classes():
     robust_accuracy(rand_mlp, batches, eps=0.1, attacks=("cw",))
   with pytest.raises(ValueError, match="eps=2.0"):
     robust_accuracy(rand_mlp, batches, eps=2.0)
+  with pytest.raises(ValueError, match="'pgd' has no default budget"):
+    robust_accuracy(rand_mlp, batches, eps=0.1, attacks="pgd")  # PGD's k is the caller's
   with pytest.raises(ValueError, match=r"\[-3, 0\]"):
     robust_accuracy(rand_mlp, [dict(image=np.asarray(_X), label=np.array([0, -3]))], eps=0.1,
-                    attacks="pgd")
+                    attacks="pgd", num_steps=1)
   with pytest.raises(ValueError, match=r"1\.5"):
     robust_accuracy(rand_mlp, [dict(image=np.asarray(_X) * 3, label=np.asarray(_Y))], eps=0.1,
-                    attacks="pgd")
+                    attacks="pgd", num_steps=1)
   with pytest.raises(ValueError, match="11"):
     robust_accuracy(rand_mlp, [dict(image=np.asarray(_X), label=np.array([0, 11]))], eps=0.1,
-                    attacks="pgd")
+                    attacks="pgd", num_steps=1)
   three = lambda x: rand_mlp(x)[:, :3]
   with pytest.raises(ValueError, match="num_classes=3"):
     apgd_t(three, _X, _Y, KEY, eps=0.1)

@@ -105,15 +105,19 @@ def test_square_sr():
 
 def test_n_classes():
   msg = checks.check_n_classes(3, ("apgd-ce", "apgd-t", "fab-t", "square"), 9)
-  assert msg and "targeted DLR" in msg and "FAB-T asks for 9 target classes but only 2" in msg
+  assert msg and "APGD-T (dlr-targeted loss) needs >= 4 classes" in msg
+  assert "FAB-T asks for 9 target classes but only 2" in msg
   msg = checks.check_n_classes(5, ("apgd-ce", "apgd-t"), 9)
   assert msg == ("APGD-T asks for 9 target classes but only 4 exist, "
                  "see AutoAttack's flags_doc.md")
-  assert "DLR loss needs >= 3" in checks.check_n_classes(2, ("apgd-dlr",), 1)
+  assert "(dlr loss) needs >= 3" in checks.check_n_classes(2, ("apgd-dlr",), 1)
   assert checks.check_n_classes(3, ("apgd-dlr",), 9) is None  # untargeted DLR works with 3
   assert checks.check_n_classes(10, ("apgd-ce", "apgd-t", "fab-t", "square"), 9) is None
   assert checks.check_n_classes(2, ("apgd-ce", "square"), 9) is None
-  assert "FAB-T" in checks.check_n_classes(10, ("fab-t",), 9, fab_targets=10)
+  assert "FAB-T" in checks.check_n_classes(10, ("fab-t",), 9, targets={"fab-t": 10})
+  assert checks.check_n_classes(10, ("apgd-t", "fab-t")) is None  # the entries' own 9 targets
+  with pytest.raises(ValueError, match="unknown attack"):
+    checks.check_n_classes(10, ("nope",))
 
 
 def test_dynamic():
@@ -131,6 +135,66 @@ def test_dynamic():
     return 2 * x
   assert checks.check_dynamic(lambda x: linear(grad(x)), X) is None
   assert checks.check_dynamic(mlp, X) is None  # gelu, relu-like custom_jvp functions are fine
+  # Every differentiation entry point is caught: the check hooks JAX's autodiff interpreter,
+  # not a list of public names (jacfwd and linear_transpose escaped the old list).
+  energy = lambda z: jnp.sum(jnp.tanh(linear(z)) ** 2)
+  for name, fn in (
+      ("jacfwd", lambda x: linear(x + 1e-3 * jax.jacfwd(energy)(x))),
+      ("linear_transpose", lambda x: linear(jax.linear_transpose(lambda z: 2 * z, x)(x)[0])),
+      ("jacrev", lambda x: linear(x + 1e-3 * jax.jacrev(energy)(x))),
+      ("hessian", lambda x: linear(x) + jnp.sum(jax.hessian(lambda z: energy(z[None]))(x[0]))),
+      ("linearize", lambda x: jax.linearize(linear, x)[1](x)),
+      ("jvp", lambda x: jax.jvp(linear, (x,), (x,))[1])):
+    msg = checks.check_dynamic(fn, X)
+    assert msg and "differentiates" in msg, (name, msg)
+    if name in ("linearize", "jvp"):  # public names it knows are named
+      assert f"({name})" in msg, msg
+
+
+def _flat_target_model(x):
+  """Class 0 on top (10), class 1 (5 + tiny slope) runner-up, classes 2..9 constant: the DLR
+  loss has a non-zero gradient (class 1 moves) but APGD-T's targeted DLR towards the second
+  runner-up (class 2) and beyond involves only constant logits: an all-zero gradient."""
+  flat = x.reshape(x.shape[0], -1)
+  moving = 5.0 + 0.01 * flat @ W[:, 0]
+  const = jnp.broadcast_to(jnp.array([10.0, 3.0, 2.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]),
+                           (x.shape[0], 9))
+  return jnp.concatenate([const[:, :1], moving[:, None], const[:, 1:]], axis=1)
+
+
+def test_zero_gradients_of_the_targeted_dlr_at_apgd_t_start():
+  y = np.zeros(32, np.int32)
+  assert checks.check_zero_gradients(_flat_target_model, X, y, KEY, eps=8 / 255) is None
+  msg = checks.check_zero_gradients(_flat_target_model, X, y, KEY, eps=8 / 255, num_targets=9)
+  assert msg and msg.startswith("32 of 32 points")
+  masks = checks.zero_gradient_masks(_flat_target_model, num_targets=9)(
+      X, y, KEY, np.float32(8 / 255), jnp.arange(32), KEY)
+  assert masks.shape == (10, 32)
+  # Row 0: untargeted DLR; row 1: the runner-up (class 1) moves; ranks >= 1 target constant
+  # classes and every logit their loss reads (the top, the target, the 3rd and 4th) is constant.
+  np.testing.assert_array_equal(np.asarray(masks).all(1), [False, False] + [True] * 8)
+
+
+def test_zero_gradients_on_every_batch_of_an_evaluation():
+  """The evaluation's check reads every batch: a model flat only on the second batch's images
+  (bright ones) is caught, with the count of such points."""
+  import types
+  from adv_soups.evaluation import run
+  dark = np.asarray(X) * 0.4
+  bright = 0.6 + np.asarray(X) * 0.4
+  logits_fn = lambda params, x, domain: jnp.where(
+      (x.reshape(x.shape[0], -1).mean(1) > 0.5)[:, None], quantised(x), linear(x))
+  first = dict(image=dark, label=np.asarray(jnp.argmax(linear(dark), -1)),
+               mask=np.ones(32, bool))
+  second = dict(image=bright, label=np.asarray(jnp.argmax(quantised(bright), -1)),
+                mask=np.arange(32) < 20)
+  request = types.SimpleNamespace(
+      attacks=("apgd-ce", "apgd-t"), norm="linf", eps=8 / 255, seed=0, dataset="d", split="s",
+      num_examples=None, loaded=types.SimpleNamespace(params={}),
+      batches=lambda *a, **k: iter([first, second]), offset=lambda *a, **k: 0)
+  spec = types.SimpleNamespace(class_subset=None)
+  msg = run._zero_gradients(request, spec, logits_fn, 0)
+  assert msg and msg.startswith("20 of 52 points"), msg
 
 
 def test_dynamic_silent_on_the_project_vit():

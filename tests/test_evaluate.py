@@ -120,11 +120,17 @@ def test_autoattack_is_the_standard_suite(workdir_copy):
   assert list(after) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
   values = [report["clean_accuracy"]] + list(after.values())
   assert values == sorted(values, reverse=True) and values[-1] == report["robust_accuracy"]
-  assert report["attack"]["description"].startswith("AutoAttack, standard version")
-  assert [a["name"] for a in report["attack"]["attacks"]] == ["apgd-ce", "apgd-t", "fab-t",
-                                                               "square"]
+  # Other budgets than the reference's: reported under the attacks' names, never AutoAttack.
+  description = report["attack"]["description"]
+  assert description.startswith("APGD-CE + APGD-T + FAB-T + Square (2 iterations each; "
+                                "Square 30 queries)") and "not AutoAttack's standard" in description
+  assert report["attack"]["suite"] == "apgd-ce+apgd-t+fab-t+square"
+  assert [(a["name"], a["budget"], a["restarts"], a.get("targets")) for a in
+          report["attack"]["attacks"]] == [("apgd-ce", 2, 1, None), ("apgd-t", 2, 1, 9),
+                                           ("fab-t", 2, 1, 9), ("square", 30, 1, None)]
+  assert report["precision"]["compute_dtype"] == "float32"
   assert os.path.basename(report["files"]["json"]).startswith(
-      "eval_digits-test_n24_autoattack2-sq30_linf-eps0.03_domain1_step150")
+      "eval_digits-test_n24_apgd-ce2+apgd-t2+fab-t2+square30_linf-eps0.03_domain1_step150")
 
 
 def test_reports_of_other_settings_do_not_overwrite(workdir_copy):
@@ -161,6 +167,9 @@ def test_domain_and_alpha_name_the_same_model(trained_workdir):
     (["--alpha=nan"], "outside [0, 1]"),
     (["--alpha=0.5", "--eps_grid=0.1"], "at least two eps"),
     (["--alpha=0.5", "--steps=0"], "--steps=0 must be"),
+    (["--alpha=0.5", "--square_queries=0"], "--square_queries=0 must be"),
+    (["--alpha=0.5", "--attack=apgd-ce,nope"], "unknown attack 'nope': allowed pgd, apgd-ce"),
+    (["--alpha=0.5", "--precision=half"], "--precision='half': allowed float32, model"),
 ])
 def test_evaluate_bad_input(args, message, trained_workdir, capsys):
   """One line on stderr, exit 2, nothing written, nothing compiled."""

@@ -204,3 +204,24 @@ def test_each_process_keys_its_examples_by_their_global_index(trained_workdir, m
   assert request.offset("digits", "test", 5000) == 180  # clamped to the split, as `batches` is
   monkeypatch.setattr(requests.jax, "process_index", lambda: 0)
   assert request.offset("digits", "test", 37) == 0
+
+
+class _LinearModel:
+  """A stand-in for the ViT: `apply({'params': {'w'}}, images, domain, train)` -> logits."""
+
+  def apply(self, variables, images, domain, train=False):
+    del domain, train
+    return images.reshape(images.shape[0], -1) @ variables["params"]["w"]
+
+
+def test_engine_without_budgets_runs_each_attacks_own():
+  """evaluate_columns without budgets runs each attack at its registry default (it used to run
+  one iteration: `num_steps=budgets or 1`)."""
+  import jax
+  w = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 4, 4, 1)))
+  labels = np.asarray(jnp.argmax(images.reshape(8, -1) @ w, -1))
+  result = engine.evaluate_columns(_LinearModel(), {"w": w}, [dict(image=images, label=labels)],
+                                   np.zeros([1], np.int32), attacks=("apgd-ce",), eps=0.05)
+  assert [(a["name"], a["budget"], a["restarts"]) for a in result.attacks] == [
+      ("apgd-ce", 100, 1)]

@@ -2,6 +2,7 @@
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,6 +63,29 @@ def test_attack_targets_the_soup(loaded, digits):
     loaded.attack(images, labels, attack="fgsm")
   with pytest.raises(ValueError, match=r"shape \[B, 8, 8, 1\]"):
     loaded.predict(images[..., :4, :])
+
+
+def test_attack_dispatches_through_the_registry(loaded, digits):
+  """A toy attack registered from this file runs through load().attack (no package change);
+  an unregistered name and a budget below 1 are refused."""
+  from adv_soups.attacks import registry
+  images, labels = digits
+  calls = []
+
+  def stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size):
+    calls.append((budget, norm))
+    return jnp.clip(x - eps, 0.0, 1.0)
+  registry.register(registry.Attack("toy-darken", "Toy", stage, default_steps=7))
+  try:
+    x_adv = np.asarray(loaded.attack(images, labels, eps=0.05, attack="toy-darken"))
+    np.testing.assert_allclose(x_adv, np.clip(images - 0.05, 0, 1), atol=1e-7)
+    assert calls == [(7, loaded.config.attack.norm)]
+  finally:
+    registry.unregister("toy-darken")
+  with pytest.raises(ValueError, match="unknown attack 'toy-darken': allowed pgd"):
+    loaded.attack(images, labels, attack="toy-darken")
+  with pytest.raises(ValueError, match="budget of square=0 must be an integer >= 1"):
+    loaded.attack(images, labels, attack="square", steps=0)
 
 
 def test_load_errors(trained_workdir, tmp_path):

@@ -46,8 +46,7 @@ EPS_GRID_TOLERANCE = 0.01
 DOC = "see AutoAttack's flags_doc.md"
 # Public names of JAX's differentiation entry points (jax/_src/api.py): only to *name* what
 # check_dynamic saw; it detects differentiation by JAX's autodiff interpreter itself.
-_AUTODIFF_NAMES = frozenset({"grad", "value_and_grad", "vjp", "jvp", "linearize", "jacfwd",
-                             "jacrev", "hessian", "linear_transpose"})
+_AUTODIFF_NAMES = frozenset({"grad", "value_and_grad", "vjp", "jvp", "linearize"})
 
 
 def check_randomized(logits_fn, images, labels=None, *, n: int = RANDOMIZED_REPEATS,

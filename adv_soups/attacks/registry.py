@@ -74,7 +74,8 @@ class Attack:
     attacks) and step_size (0 = the attack's own) may be traced; index [B] keys each example's
     random stream.
   breaks(logits_fn, x_adv, images, labels, *, eps, norm) -> [B] bool: the stage broke the point.
-  full: like `stage` without rank / step_size, over all targets (None: the stages in turn).
+  full: like `stage` without rank / step_size, over all targets (None: the stages in turn, each
+    example keeping the first stage's point that breaks it, else the first stage's point).
   settings: {(version, norm): {setting: value}}; `settings_for` falls back to the standard
     version's. restartable: whether `restarts` changes the attack (Square's does not).
   eot: the stage can average its gradients over draws of a randomised model (`eot_draws`).
@@ -123,13 +124,17 @@ class Attack:
     x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
     index = pgd_lib._default_index(x, index)  # pylint: disable=protected-access
     num_classes = pgd_lib.num_classes_of(logits_fn, x)
-    best, done = x, jnp.zeros(x.shape[:1], bool)
+    best = done = None
     for rank in range(self.num_stages(num_classes, settings.get("targets", 1))):
       x_adv = self.stage(logits_fn, x, labels, rng, eps=eps, norm=norm, budget=budget,
                          settings=settings, index=index, rank=rank, step_size=0.0)
-      ok = self.breaks(logits_fn, x_adv, x, labels, eps=eps, norm=norm) & ~done
-      best = jnp.where(pgd_lib._bcast(ok, x), x_adv, best)  # pylint: disable=protected-access
-      done = done | ok
+      ok = self.breaks(logits_fn, x_adv, x, labels, eps=eps, norm=norm)
+      if best is None:  # the first stage's point, unless a later stage breaks the example
+        best, done = x_adv, ok
+      else:
+        take = ok & ~done
+        best = jnp.where(pgd_lib._bcast(take, x), x_adv, best)  # pylint: disable=protected-access
+        done = done | ok
     return best
 
 

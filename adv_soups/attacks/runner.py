@@ -331,6 +331,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   state = dict(b=None, has_domain=None, num_classes=None, n=0, shapes=None)
   clean_correct: list[bool] = []
   broken_by: list[int] = []
+  compiles: dict[int, int] = {}  # compilations per attack position in this call
 
   def setup(first: dict):
     has_domain = "domain" in first
@@ -369,35 +370,58 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       settings_out.append(out)
     queues.extend(_Queue() for _ in stages)
 
+  def stage_fn(stage):
+    """(cache key, builder) of the jitted function of `stage`."""
+    j, a, _ = stage
+    hd = state["has_domain"]
+    if a == "clean":
+      return (("clean", logits_fn, has_params, hd, mesh, randomised),
+              lambda: _clean_fn(logits_fn, has_params, hd, mesh, randomised))
+    static = tuple(sorted(attack_settings[j].items()))
+    return (("attack", a, id(registry.get(a)), norm, budgets[a], static, logits_fn, has_params,
+             hd, mesh, randomised),
+            lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, norm, budgets[a], static,
+                               randomised))
+
   def compiled(stage, args: tuple):
     """The AOT-compiled executable of `stage` for these arguments' shapes (compiled once; the
     compilation time goes to the attack's `compile_seconds`, not its `seconds`)."""
-    j, a, _ = stage
-    hd = state["has_domain"]
-    size = args[1].shape[0]
-    if a == "clean":
-      fn_key = ("clean", logits_fn, has_params, hd, mesh, randomised)
-      build = lambda: _clean_fn(logits_fn, has_params, hd, mesh, randomised)
-    else:
-      static = tuple(sorted(attack_settings[j].items()))
-      fn_key = ("attack", a, norm, budgets[a], static, logits_fn, has_params, hd, mesh,
-                randomised)
-      build = lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, norm, budgets[a], static,
-                                 randomised)
-    key = ("executable", fn_key, size, state["shapes"])
+    j = stage[0]
+    fn_key, build = stage_fn(stage)
+    key = ("executable", fn_key, args[1].shape[0], state["shapes"])
 
     def lower_and_compile():
       start = time.perf_counter()
       executable = _cached(fn_key, build, store).lower(*args).compile()
       if j >= 0:
         settings_out[j]["compile_seconds"] += time.perf_counter() - start
+        compiles[j] = compiles.get(j, 0) + 1
       return executable
     return _cached(key, lower_and_compile, store)
+
+  def call_size(k: int, n: int) -> int:
+    """Rows of the call that runs stage k on n rows: the batch, or for a partial flush the
+    smallest bucket that holds them (`flush_size`), unless a larger shape of the same attack is
+    compiled already and its extra padding costs less than a compilation would (both measured
+    on this attack as it runs). The results do not depend on it."""
+    b = state["b"]
+    target = b if n == b else flush_size(n, b, n_dev)
+    j = stages[k][0]
+    if j < 0 or target == b or not compiles.get(j) or not settings_out[j]["rows_computed"]:
+      return target
+    fn_key, _ = stage_fn(stages[k])
+    row_cost = settings_out[j]["seconds"] / settings_out[j]["rows_computed"]
+    compile_cost = settings_out[j]["compile_seconds"] / compiles[j]
+    step = flush_size(1, b, n_dev)
+    for size in sorted({min(b, target + i * step) for i in range(b // step + 2)}):
+      if ("executable", fn_key, size, state["shapes"]) in store:
+        return size if size == target or (size - target) * row_cost < compile_cost else target
+    return target
 
   def run_stage(k: int, rows: dict) -> np.ndarray:
     sharding = parallel.batch_sharding(mesh)
     n = len(rows["index"])
-    size = state["b"] if n == state["b"] else flush_size(n, state["b"], n_dev)
+    size = call_size(k, n)
     rows = _pad(rows, size)
     dev = {key: jax.device_put(v, sharding) for key, v in rows.items()}
     domain = dev["domain"] if state["has_domain"] else jax.device_put(

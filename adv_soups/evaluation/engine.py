@@ -261,8 +261,9 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
   if not clean or sum(len(c) for c in clean) == 0:
     raise ValueError("no (unmasked) examples to evaluate")
   if not settings and names:
-    settings = [dict(name=n, eps=eps, norm=norm, budget=b, num_steps=b) for n, b in
-                registry.resolve_budgets(names, budgets or None).items()]
+    settings = [dict(name=n, eps=eps, norm=norm, budget=b, budget_kind=registry.get(n).budget,
+                     num_steps=b, **registry.get(n).settings_for(norm))
+                for n, b in registry.resolve_budgets(names, budgets or None).items()]
   return ColumnResult(clean_correct=np.concatenate(clean), broken_by=np.concatenate(broken),
                       attacks=settings)
 

@@ -179,7 +179,18 @@ def _restrict(batch: dict, spec, first_index: int = 0) -> dict:
 def _masking_checks(request: Request, spec) -> list[str]:
   """AutoAttack's checks for gradient masking on the first column (warnings only: none changes
   a number): classes, randomness, probabilities and a dynamic model on a few examples; zero
-  gradients on every batch of the main dataset (`_zero_gradients`)."""
+  gradients on every batch of the main dataset (`_zero_gradients`, a global call on several
+  processes: every process makes it)."""
+  logits_fn = engine.model_logits_fn(request.loaded.model, None if spec.class_subset is None
+                                     else tuple(spec.class_subset))
+  column = request.columns[0]
+  found = _first_batch_checks(request, spec, logits_fn, column)
+  found.append(_zero_gradients(request, spec, logits_fn, column))
+  return [w for w in found if w]
+
+
+def _first_batch_checks(request: Request, spec, logits_fn, column) -> list[str | None]:
+  """The checks that look at a few examples: classes, randomness, probabilities, dynamic."""
   from adv_soups.attacks import checks
   batch = _first_batch(request)
   if batch is None:
@@ -187,18 +198,15 @@ def _masking_checks(request: Request, spec) -> list[str]:
   batch = _restrict(batch, spec)
   if not len(batch["label"]):
     return []
-  model, params = request.loaded.model, request.loaded.params
-  logits_fn = engine.model_logits_fn(model, None if spec.class_subset is None
-                                     else tuple(spec.class_subset))
-  column = request.columns[0]
+  params = request.loaded.params
   domain = engine.per_example_domain(column, len(batch["label"]))
   raw = lambda x: logits_fn(params, x, domain)
   jitted = _jitted(logits_fn)
   # compiled once per model and shape, across requests
   f = lambda x: jitted(params, x, engine.per_example_domain(column, len(x)))
   if request.dropout:  # a randomised model: every call of the check draws anew (keyed by call)
-    rand_fn = _jitted(engine.random_logits_fn(model, request.dropout, None if spec.class_subset
-                                              is None else tuple(spec.class_subset)))
+    subset = None if spec.class_subset is None else tuple(spec.class_subset)
+    rand_fn = _jitted(engine.random_logits_fn(request.loaded.model, request.dropout, subset))
     calls = iter(range(1 << 30))
     f = lambda x: rand_fn(params, x, engine.per_example_domain(column, len(x)), jax.vmap(
         jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(next(calls)),
@@ -208,12 +216,10 @@ def _masking_checks(request: Request, spec) -> list[str]:
   randomized = checks.check_randomized(f, images, labels)
   if request.version == "rand":  # the warning's advice is what runs
     randomized = None
-  found = [checks.check_n_classes(logits.shape[-1], request.attacks),
-           randomized,
-           checks.check_probabilities(logits),
-           checks.check_dynamic(raw, images)]
-  found.append(_zero_gradients(request, spec, logits_fn, column))
-  return [w for w in found if w]
+  return [checks.check_n_classes(logits.shape[-1], request.attacks),
+          randomized,
+          checks.check_probabilities(logits),
+          checks.check_dynamic(raw, images)]
 
 
 def _zero_gradients(request: Request, spec, logits_fn, column) -> str | None:
