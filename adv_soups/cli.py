@@ -46,11 +46,21 @@ def define_flags(specs) -> flags.FlagValues:
 # The flags `evaluate` and `sweep` share: (kind, name, default, help).
 EVAL_FLAGS = (
     ("string", "workdir", None, "Training workdir (config.json + checkpoints)."),
-    ("string", "attack", None, "pgd, apgd-ce, apgd-t, fab-t, square, autoattack (the standard "
-     "version: APGD-CE, APGD-T, FAB-T, Square), none, or a comma list such as apgd-ce,apgd-t "
-     "(AutoAttack's white-box core)."),
-    ("string", "eps", None, "Attack radius in pixels, e.g. 0.1 or 4/255 (default: the config's)."),
-    ("string", "norm", None, "linf or l2 (default: config.attack.norm)."),
+    ("string", "attack", None, "pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square, autoattack (the "
+     "standard version: APGD-CE, APGD-T, FAB-T, Square; at --norm=l1 with AutoAttack's l_1 "
+     "settings: APGD-CE 5 restarts, APGD-T 5 targets, both with the 3/2/1 eps schedule), "
+     "autoattack-rand (the version for randomised defences, e.g. dropout at evaluation: APGD-CE "
+     "and APGD-DLR with EOT, --eot_draws draws per gradient), none, or a comma list such as "
+     "apgd-ce,apgd-t (AutoAttack's white-box core)."),
+    ("string", "eps", None, "Attack radius in pixels, e.g. 0.1 or 4/255 (default: the config's; "
+     "required with --norm=l1)."),
+    ("string", "norm", None, "linf, l2 or l1 (default: config.attack.norm; l1: every attack but "
+     "pgd)."),
+    ("integer", "eot_draws", None, "Draws of the model's randomness per gradient for APGD-CE / "
+     "APGD-DLR (EOT; >= 1; autoattack-rand's default 20)."),
+    ("float", "eval_dropout", None, "Evaluate a randomised model: dropout at this rate (in "
+     "(0, 1)) on at evaluation, drawn per example from its key (default off: training-time "
+     "dropout is off in evaluation)."),
     ("integer", "steps", None, "Iterations of the gradient attacks (default: "
      "config.eval.attack_steps for PGD, 100 for APGD and FAB)."),
     ("integer", "square_queries", None, "Queries of the Square attack (default 5000)."),
@@ -88,8 +98,9 @@ def start_screen(values: flags.FlagValues, kind: str) -> None:
 def request_kwargs(values: flags.FlagValues) -> dict:
   """The `evaluation.make_request` keyword arguments of the EVAL_FLAGS in `values`."""
   names = ("attack", "eps", "norm", "steps", "square_queries", "dataset", "split", "shifts",
-           "num_examples", "batch_size", "step", "data_dir")
+           "num_examples", "batch_size", "step", "data_dir", "eot_draws")
   out = {n: getattr(values, n) for n in names}
+  out["dropout"] = values.eval_dropout
   if out["attack"] is None:
     del out["attack"]
   return out

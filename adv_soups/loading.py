@@ -128,7 +128,8 @@ class LoadedModel:
     return model, soups.interpolate(self.params, [1.0 - alpha, alpha])
 
   def attack(self, images: Any, labels: Any, eps: float | str | None = None, alpha: Any = 0.0,
-             steps: int | None = None, attack: str = "pgd", seed: int = 0) -> jax.Array:
+             steps: int | None = None, attack: str = "pgd", seed: int = 0,
+             norm: str | None = None) -> jax.Array:
     """Adversarial images [B, H, W, C] against the soup at `alpha` (the soup itself is attacked).
 
     Args:
@@ -142,11 +143,20 @@ class LoadedModel:
         outside eps: FAB is a minimal-distortion attack), 'square', or any registered one. For
         robust accuracy under a whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
+      norm: 'linf', 'l2' or 'l1' (every attack but PGD; another norm than the run's needs
+        `eps`); default the run's config.attack.norm. l_1 runs the standard version's l_1
+        settings (APGD-CE: 5 restarts, APGD-T: 5 targets, both with the 3 / 2 / 1 eps schedule).
     The attack runs with full-precision (float32, 'highest') matmuls.
     """
     from adv_soups import numbers  # local: keeps `import adv_soups` light
     entry = registry.get(attack)
-    norm = self.config.attack.norm
+    norm = norm or self.config.attack.norm
+    if norm not in ("linf", "l2", "l1"):
+      raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
+    registry.check_norm((attack,), norm)
+    if eps is None and norm != self.config.attack.norm:
+      raise ValueError(f"norm={norm!r} needs its own eps (the run's eps is a "
+                       f"{self.config.attack.norm} radius)")
     eps = self.config.attack.eps if eps is None else numbers.parse_eps(eps, norm)
     budget = registry.resolve_budgets(
         (attack,), None if steps is None else {attack: steps},
@@ -166,8 +176,9 @@ class LoadedModel:
       with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
         # The per-row domain travels with the rows that Square and FAB-T compact.
         rows_fn = lambda x, dom: self.model.apply({"params": params}, x, dom, train=False)
-        return entry.run_full(rows_fn, images, labels, rng, eps=eps, norm=norm,
-                              budget=budget, settings=settings, row_args=(domain,))
+        return entry.run_full(lambda x: rows_fn(x, domain), images, labels, rng, eps=eps,
+                              norm=norm, budget=budget, settings=settings,
+                              rows=(rows_fn, (domain,)))
     return fn
 
   def with_precision(self, precision: str = "float32") -> "LoadedModel":

@@ -639,7 +639,7 @@ _Y = jnp.array([0, 1])
 @pytest.mark.parametrize("kwargs, match", [
     (dict(eps=-0.1), "eps=-0.1"),
     (dict(eps=1.5), "eps=1.5"),
-    (dict(norm="l1"), "'l1'"),
+    (dict(norm="l0"), "'l0'"),  # l1 is an APGD norm now (attacks.l1)
     (dict(loss="hinge"), "'hinge'"),
     (dict(num_steps=0), "num_steps=0"),
     (dict(restarts=0), "restarts=0"),

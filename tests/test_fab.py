@@ -407,7 +407,7 @@ def test_strength_vs_apgd_bisection(digits_mlp):
 # Bad arguments
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(norm="l1"), "'l1'"),
+    (dict(norm="l0"), "'l0'"),  # FAB-T has an l1 form
     (dict(num_steps=0), "num_steps=0"),
     (dict(eps=-0.1), "eps=-0.1"),
     (dict(eps=1.5), "eps=1.5"),
@@ -436,5 +436,5 @@ def test_bad_classes_and_within_eps_norm():
   x, y = jnp.full((2,) + SHAPE, 0.5), jnp.array([0, 1])
   with pytest.raises(ValueError, match="num_classes=1"):
     fab.fab_t(lambda z: rand_mlp(z)[:, :1], x, y, KEY, eps=0.1)
-  with pytest.raises(ValueError, match="'l1'"):
-    fab.within_eps(x, x, 0.1, "l1")
+  with pytest.raises(ValueError, match="'l0'"):
+    fab.within_eps(x, x, 0.1, "l0")

@@ -399,7 +399,7 @@ def test_compaction_same_results_per_example(norm):
 # Errors
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(norm="l1"), "unknown norm 'l1'"),
+    (dict(norm="l0"), "unknown norm 'l0'"),  # Square has an l1 form
     (dict(eps=-0.1), "eps must be >= 0"),
     (dict(eps=1.5), "l_inf eps must be in"),
     (dict(num_queries=0), "num_queries must be an integer >= 1, got num_queries=0"),

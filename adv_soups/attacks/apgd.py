@@ -19,6 +19,10 @@ one `lax.fori_loop`; restarts and APGD-T's targets are `lax.scan`s. Success (for
 targets) means a wrong prediction, as in AutoAttack, also for targeted losses.
 Random starts: uniform in the eps ball (AutoAttack scales its l_inf start to the cube's surface and
 puts its l_2 start on the sphere; we use the same start as `pgd`).
+norm "l1" runs l_1-APGD instead (`attacks.l1`: the top-k sparse step, the exact projection onto
+the l_1 ball and the box, its own sparsity schedule, optionally the 3 / 2 / 1 eps schedule);
+restarts, targets and the success rule are shared. `state_factory` lets EOT (`attacks.eot`)
+replace the one deterministic forward / backward pass per iterate.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from adv_soups.attacks import l1 as l1_lib
 from adv_soups.attacks import losses as losses_lib
 
 from adv_soups.attacks import pgd as pgd_lib
@@ -57,18 +62,31 @@ def checkpoint_schedule(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_check, window
 
 
-def _apgd_run(logits_fn, x, labels, targets, keys, eps, num_steps, norm, loss_fn):
-  """One APGD run from random starts `keys` [B]: (x_out, success [B], best loss [B])."""
+def deterministic_state(logits_fn, loss_fn, labels, targets, restart):
+  """The default `state_fn(x_adv, i) -> (wrong [B], loss [B], grad)`: one forward and one
+  backward pass of a deterministic model (i, the iteration, and `restart` are unused; the EOT
+  version in `attacks.eot` draws the model's randomness from them)."""
+  del restart
+
+  def state_fn(xa, i):
+    del i
+    logits, loss, g = pgd_lib.loss_and_input_grad(logits_fn, loss_fn, xa, labels, targets)
+    return jnp.argmax(logits, axis=-1) != labels, loss, g
+  return state_fn
+
+
+def _apgd_run(logits_fn, x, labels, targets, keys, eps, num_steps, norm, loss_fn,
+              state_fn=None):
+  """One APGD run from random starts `keys` [B]: (x_out, success [B], best loss [B]).
+  `state_fn(x_adv, i)` (default `deterministic_state`) gives (wrong, loss, grad) at iterate i
+  (-1: the start)."""
   bc = pgd_lib._bcast  # pylint: disable=protected-access
   is_check, window = checkpoint_schedule(num_steps)
   is_check, window = jnp.asarray(is_check), jnp.asarray(window, jnp.float32)
-
-  def attack_state(xa):
-    logits, loss, g = pgd_lib.loss_and_input_grad(logits_fn, loss_fn, xa, labels, targets)
-    return jnp.argmax(logits, axis=-1) != labels, loss, g
+  attack_state = state_fn or deterministic_state(logits_fn, loss_fn, labels, targets, 0)
 
   x0 = pgd_lib.random_start(keys, x, eps, norm)
-  wrong0, loss0, g0 = attack_state(x0)
+  wrong0, loss0, g0 = attack_state(x0, -1)
   state = dict(
       x=x0, x_old=x0, grad=g0, step=jnp.full_like(loss0, 2.0) * eps,
       x_best=x0, grad_best=g0, loss_best=loss0, loss_prev=loss0,
@@ -81,7 +99,7 @@ def _apgd_run(logits_fn, x, labels, targets, keys, eps, num_steps, norm, loss_fn
                         x, eps, norm)
     x_new = pgd_lib.project(s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["x_old"]),
                             x, eps, norm)
-    wrong, loss, g = attack_state(x_new)
+    wrong, loss, g = attack_state(x_new, i)
     x_found = jnp.where(bc(wrong, x), x_new, s["x_found"])
     improved = loss > s["loss_best"]
     x_best = jnp.where(bc(improved, x), x_new, s["x_best"])
@@ -109,11 +127,20 @@ def _apgd_run(logits_fn, x, labels, targets, keys, eps, num_steps, norm, loss_fn
 
 
 def _apgd_restarts(logits_fn, x, labels, targets, rng, index, eps, num_steps, norm, loss_fn,
-                   restarts):
-  """APGD with `restarts` random starts, keyed per example; returns (x_out, success, loss)."""
+                   restarts, largereps=False, state_factory=None):
+  """APGD with `restarts` random starts, keyed per example; returns (x_out, success, loss).
+  norm "l1" runs l_1-APGD (`attacks.l1`; `largereps`: its 3 / 2 / 1 eps schedule);
+  `state_factory(logits_fn, loss_fn, labels, targets, restart)` makes each restart's
+  `state_fn` (default `deterministic_state`; `attacks.eot` averages gradients over draws)."""
+  factory = state_factory or deterministic_state
+
   def run(r):
-    return _apgd_run(logits_fn, x, labels, targets, pgd_lib.example_keys(rng, index, r), eps,
-                     num_steps, norm, loss_fn)
+    keys = pgd_lib.example_keys(rng, index, r)
+    state_fn = factory(logits_fn, loss_fn, labels, targets, r)
+    if norm == "l1":
+      return l1_lib.apgd_l1_run(state_fn, x, keys, eps, num_steps, largereps)
+    return _apgd_run(logits_fn, x, labels, targets, keys, eps, num_steps, norm, loss_fn,
+                     state_fn)
   best = run(0)
   if restarts > 1:
     best, _ = lax.scan(lambda b, r: (pgd_lib.select_better(run(r), b), None), best,
@@ -123,7 +150,7 @@ def _apgd_restarts(logits_fn, x, labels, targets, rng, index, eps, num_steps, no
 
 def apgd(logits_fn, images, labels, rng, *, eps: float, num_steps: int = 100,
          norm: str = "linf", loss: str = "ce", restarts: int = 1, targets=None,
-         example_index=None) -> jax.Array:
+         example_index=None, largereps: bool = False, state_factory=None) -> jax.Array:
   """Auto-PGD adversarial examples (APGD-CE with loss="ce", APGD-DLR with loss="dlr").
 
   Args:
@@ -131,28 +158,42 @@ def apgd(logits_fn, images, labels, rng, *, eps: float, num_steps: int = 100,
     images: [B, H, W, C] float32 in [0, 1].
     labels: [B] int in [0, K).
     rng: PRNG key; random starts are keyed per example by fold_in(rng, example_index[i]).
-    eps: threat-model radius in pixel units (l_inf: [0, 1]; l_2: >= 0).
+    eps: threat-model radius in pixel units (l_inf: [0, 1]; l_2, l_1: >= 0).
     num_steps: iterations N >= 1 (each one forward + one backward pass; +1 for the start).
-    norm: "linf" or "l2".
+    norm: "linf", "l2" or "l1" (l_1-APGD of `attacks.l1`: sparse steps, exact projection onto
+      the l_1 ball and the box).
     loss: "ce", "margin" or "dlr". With `targets`, the targeted version (targeted DLR needs
       K >= 4 classes).
     restarts: >= 1 random restarts; each example keeps a misclassified point if any restart
       found one, else its highest-loss point.
     targets: optional [B] int target classes (targeted loss; success still = misclassified).
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
+    largereps: l_1 only: AutoAttack's use_largereps eps schedule (3 eps, 2 eps, eps over 30 /
+      30 / 40% of the iterations; num_steps >= 3).
+    state_factory: how a restart evaluates the model (default one deterministic pass;
+      `attacks.eot.eot_state_factory` averages over draws of a randomised model).
 
   Returns:
     [B, H, W, C] float32: the last misclassified iterate where one was found, else the best-loss
     point; inside the eps ball and [0, 1].
   """
+  check_largereps(norm, num_steps, largereps)
   pgd_lib.validate(logits_fn, images, labels, targets, eps=eps, norm=norm, num_steps=num_steps,
-                   restarts=restarts, loss=loss)
+                   restarts=restarts, loss=loss, norms=pgd_lib.ALL_NORMS)
   x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
   eps = jnp.asarray(eps, jnp.float32)
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
   loss_fn = losses_lib.get_loss(loss, targets is not None)
   return _apgd_restarts(logits_fn, x, labels, targets, rng, index, eps, num_steps, norm,
-                        loss_fn, restarts)[0]
+                        loss_fn, restarts, largereps, state_factory)[0]
+
+
+def check_largereps(norm: str, num_steps: int, largereps: bool) -> None:
+  """ValueError unless `largereps` (the l_1 eps schedule) comes with norm l1 and >= 3 steps."""
+  if largereps:
+    if norm != "l1":
+      raise ValueError(f"largereps (the 3 / 2 / 1 eps schedule) is l_1-APGD's, got norm={norm!r}")
+    l1_lib.largereps_schedule(int(num_steps))
 
 
 def num_apgd_targets(num_classes: int, num_targets: int = DEFAULT_NUM_TARGETS) -> int:
@@ -180,23 +221,25 @@ def runner_up_targets(clean_logits: jax.Array, labels: jax.Array, rank) -> jax.A
 
 
 def apgd_t_single(logits_fn, x, labels, rng, rank, *, eps, num_steps, norm, restarts=1,
-                  example_index=None):
+                  example_index=None, largereps=False):
   """One target rank of APGD-T: APGD with targeted DLR toward the rank-th runner-up class.
 
   x [B, ...] in [0, 1], labels [B]; `rank` may be traced (one compilation for all ranks); the
   random starts use fold_in(rng, rank) as their key. Returns (x_adv, success [B], loss [B]).
+  norm "l1" / `largereps` as in `apgd`.
   """
+  check_largereps(norm, num_steps, largereps)
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
   eps = jnp.asarray(eps, jnp.float32)
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
   targets = runner_up_targets(logits_fn(x), labels, rank)
   return _apgd_restarts(logits_fn, x, labels, targets, jax.random.fold_in(rng, rank), index, eps,
-                        num_steps, norm, losses_lib.targeted_dlr_loss, restarts)
+                        num_steps, norm, losses_lib.targeted_dlr_loss, restarts, largereps)
 
 
 def apgd_t(logits_fn, images, labels, rng, *, eps: float, num_steps: int = 100,
            norm: str = "linf", num_targets: int = DEFAULT_NUM_TARGETS, restarts: int = 1,
-           example_index=None) -> jax.Array:
+           example_index=None, largereps: bool = False) -> jax.Array:
   """APGD-T: APGD with the targeted DLR loss toward each of the top runner-up classes in turn.
 
   Args as `apgd`; num_targets: how many runner-up classes (by clean logit) are tried, default 9,
@@ -206,14 +249,16 @@ def apgd_t(logits_fn, images, labels, rng, *, eps: float, num_steps: int = 100,
   on the examples still robust.) Returns adversarial images [B, H, W, C].
   """
   num_classes = pgd_lib.validate(logits_fn, images, labels, None, eps=eps, norm=norm,
-                                 num_steps=num_steps, restarts=restarts, loss="dlr")
+                                 num_steps=num_steps, restarts=restarts, loss="dlr",
+                                 norms=pgd_lib.ALL_NORMS)
   if num_classes is None:
     num_classes = pgd_lib.num_classes_of(logits_fn, images)
   n_t = num_apgd_targets(num_classes, num_targets)
 
   def run(rank):
     return apgd_t_single(logits_fn, images, labels, rng, rank, eps=eps, num_steps=num_steps,
-                         norm=norm, restarts=restarts, example_index=example_index)
+                         norm=norm, restarts=restarts, example_index=example_index,
+                         largereps=largereps)
   best = run(0)
   if n_t > 1:
     best, _ = lax.scan(lambda b, r: (pgd_lib.select_better(run(r), b), None), best,

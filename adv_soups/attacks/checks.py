@@ -70,7 +70,8 @@ def check_randomized(logits_fn, images, labels=None, *, n: int = RANDOMIZED_REPE
     counts = f", correct predictions {sorted(set(correct))}" if len(set(correct)) > 1 else ""
     return (f"the model looks randomised: over {n} identical forward passes its normalised "
             f"logits differ by up to {diff:.3g} (l_2){counts}; evaluate it with an "
-            f"expectation over its randomness (EoT, AutoAttack's version='rand'), {DOC}")
+            "expectation over its randomness: --attack=autoattack-rand (APGD-CE and APGD-DLR "
+            f"with EOT, AutoAttack's version='rand'), {DOC}")
   return None
 
 
@@ -92,7 +93,13 @@ def zero_gradient_masks(logits_fn, *, norm: str = "linf", num_targets: int = 0):
   for that target (keyed as the runner keys it, by `target_rng`), as AutoAttack checks at the
   start of every APGD run with a DLR loss. T = min(num_targets, K - 1) when K >= 4, else 0.
   Build it once and call it on every batch (one compilation per batch shape)."""
-  pgd_lib.check_settings(eps=0.0, norm=norm, num_steps=1)
+  pgd_lib.check_settings(eps=0.0, norm=norm, num_steps=1, norms=pgd_lib.ALL_NORMS)
+
+  def random_start(keys, x, eps):
+    if norm == "l1":  # l_1-APGD's start: a Gaussian point projected onto the l_1 ball and box
+      from adv_soups.attacks import l1 as l1_lib  # pylint: disable=import-outside-toplevel
+      return l1_lib.random_start(keys, x, eps)
+    return pgd_lib.random_start(keys, x, eps, norm)
 
   def masks(x, labels, rng, eps, index, target_rng):
     x = jnp.asarray(x, jnp.float32)
@@ -104,7 +111,7 @@ def zero_gradient_masks(logits_fn, *, norm: str = "linf", num_targets: int = 0):
       _, _, g = pgd_lib.loss_and_input_grad(logits_fn, fn, start, labels, targets_)
       return jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim))) == 0
     with jax.default_matmul_precision("highest"):
-      start = pgd_lib.random_start(pgd_lib.example_keys(rng, index, 0), x, eps, norm)
+      start = random_start(pgd_lib.example_keys(rng, index, 0), x, eps)
       first = zero(start, lambda z, y, _: loss(z, y), None)
       if not targets:
         return first[None]
@@ -112,7 +119,7 @@ def zero_gradient_masks(logits_fn, *, norm: str = "linf", num_targets: int = 0):
 
       def target(rank):  # one target at a time (lax.map): memory of a single gradient pass
         key = jax.random.fold_in(target_rng, rank)
-        start_t = pgd_lib.random_start(pgd_lib.example_keys(key, index, 0), x, eps, norm)
+        start_t = random_start(pgd_lib.example_keys(key, index, 0), x, eps)
         return zero(start_t, losses_lib.targeted_dlr_loss,
                     apgd_lib.runner_up_targets(clean, labels, rank))
       return jnp.concatenate([first[None], jax.lax.map(target, jnp.arange(targets))])
@@ -127,7 +134,7 @@ def zero_gradient_mask(logits_fn, images, labels, rng=None, *, eps: float = 0.0,
   images if `rng` is None or eps is 0; see `zero_gradient_masks`). Give it correctly classified
   points, as APGD attacks only those: where the label is the third-highest class the DLR loss is
   the constant 1 (a zero gradient by design)."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, norms=pgd_lib.ALL_NORMS)
   x = jnp.asarray(images, jnp.float32)
   index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
   if rng is None:

@@ -1,4 +1,4 @@
-"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf and l_2.
+"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf, l_2, l_1.
 
 FAB looks for the *smallest* perturbation that changes the prediction, so its points may lie
 outside the eps ball: a FAB point breaks an example only if it is misclassified and
@@ -17,7 +17,8 @@ One iteration, from the current point x_k (x_0 = the clean image x for the first
   - if x_{k+1} is misclassified (one more forward pass), it is kept when it is the closest to x so
     far, and the iterate steps back towards x: x_{k+1} <- x + beta (x_{k+1} - x).
 Restarts r >= 1 start from a random point at distance min(best so far, eps) / 2 from x (uniform
-noise in [-1, 1]^n scaled to that l_inf norm / a Gaussian direction scaled to that l_2 norm),
+noise in [-1, 1]^n scaled to that l_inf norm / a Gaussian direction scaled to that l_2 or l_1
+norm),
 clipped to [0, 1]; AutoAttack's radius is eps / 2, the same for every example not yet broken
 within eps. eps is used only there and in `within_eps`. AutoAttack runs later restarts only on the
 examples not yet broken within eps; here too (with `compact`, the default): an example whose
@@ -33,6 +34,9 @@ a concave piecewise-linear function of lam: one sort, two cumulative sums and a 
 segment that holds the root (no data-dependent indexing). Where the box makes the hyperplane
 unreachable, every coordinate moves all the way to its box edge (the closest the box gets).
 
+The l_1 projection (`l1.boundary_projection`, AutoAttack's `projection_l1`) moves the
+coordinates with the largest |w_i| first, each up to its box edge, until the hyperplane is reached.
+
 All of it runs per example with fixed shapes, `jnp.where` masks and one `lax.fori_loop` (restarts
 and targets `lax.scan`s), so it compiles once per input shape and works under `jax.jit`,
 `jax.vmap` and `jax.shard_map`; only the input is differentiated, never the parameters.
@@ -47,6 +51,7 @@ from jax import lax
 from adv_soups.attacks import apgd as apgd_lib
 from adv_soups.attacks import compaction
 from adv_soups.attacks import pgd as pgd_lib
+from adv_soups.attacks import l1 as l1_lib
 
 DEFAULT_NUM_TARGETS = 9
 ALPHA_MAX = 0.1
@@ -68,7 +73,8 @@ def check_fab_settings(*, eps, norm: str, num_steps: int, restarts: int = 1,
                        alpha_max: float = ALPHA_MAX, eta: float = ETA,
                        beta: float = BETA) -> None:
   """Raises ValueError (one line) for a bad eps / norm / num_steps / restarts / FAB constant."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts,
+                         norms=pgd_lib.ALL_NORMS)
   if not 0 <= float(alpha_max) <= 1:
     raise ValueError(f"alpha_max must be in [0, 1], got alpha_max={alpha_max}")
   if not float(eta) > 0:
@@ -91,17 +97,14 @@ def _check_classes(num_classes: int, rank=None) -> None:
 # Geometry
 # ---------------------------------------------------------------------------------------------
 def distance(x_adv: jax.Array, x: jax.Array, norm: str) -> jax.Array:
-  """Per-example |x_adv - x| in `norm` ("linf" or "l2"): [B, ...] -> [B] float32."""
-  d = (x_adv - x).reshape(x.shape[0], -1)
-  if norm == "linf":
-    return jnp.max(jnp.abs(d), axis=-1)
-  return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
+  """Per-example |x_adv - x| in `norm` ("linf", "l2" or "l1"): [B, ...] -> [B] float32."""
+  return _norm_flat((x_adv - x).reshape(x.shape[0], -1), norm)
 
 
 def within_eps(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
   """True [B] where |x_adv - x|_norm <= eps (up to float32 rounding: a relative 1e-6 and an
   absolute 1e-7). x_adv, x [B, H, W, C] in [0, 1]; eps in pixel units."""
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1)
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, norms=pgd_lib.ALL_NORMS)
   eps = jnp.asarray(eps, jnp.float32)
   return distance(x_adv, x, norm) <= eps * (1 + WITHIN_EPS_RTOL) + WITHIN_EPS_ATOL
 
@@ -130,10 +133,12 @@ def _solve_capped_sum(q: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
 def boundary_projection(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) -> jax.Array:
   """Minimal-norm step d [N, n] with w . (t + d) = b and t + d in [0, 1]^n, per row.
 
-  t [N, n] points in [0, 1], w [N, n] hyperplane normals, b [N] offsets; norm "linf" or "l2".
+  t [N, n] points in [0, 1], w [N, n] hyperplane normals, b [N] offsets; norm "linf", "l2" or "l1".
   Where the box cannot reach the hyperplane, d moves every coordinate (with w_i != 0) to the box
   edge on the hyperplane's side. Coordinates with w_i = 0 do not move.
   """
+  if norm == "l1":  # the cheapest coordinates first (AutoAttack's projection_l1)
+    return l1_lib.boundary_projection(t, w, b)
   c = jnp.sum(w * t, axis=-1) - b
   flip = jnp.where(c >= 0, 1.0, -1.0)
   scale = jnp.max(jnp.abs(w), axis=-1)
@@ -155,11 +160,14 @@ def boundary_projection(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) -> 
 def _norm_flat(d: jax.Array, norm: str) -> jax.Array:
   if norm == "linf":
     return jnp.max(jnp.abs(d), axis=-1)
+  if norm == "l1":
+    return jnp.sum(jnp.abs(d), axis=-1)
   return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
 
 
 def _random_start(keys: jax.Array, x: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
-  """x + a random perturbation of norm exactly `radius` [B] (before clipping to [0, 1])."""
+  """x + a random perturbation of norm exactly `radius` [B] (before clipping to [0, 1]); l_2 and
+  l_1: a Gaussian direction scaled to that norm."""
   shape = x.shape[1:]
   if norm == "linf":
     noise = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
@@ -256,7 +264,7 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
       row is done; FAB's points are not bounded by it (check them with `within_eps`).
     num_steps: iterations per restart (each one forward + one input-gradient pass, and one more
       forward pass to check the new point).
-    norm: "linf" or "l2": the norm minimised.
+    norm: "linf", "l2" or "l1": the norm minimised.
     restarts: >= 1 runs; each example keeps its closest adversarial point over all of them.
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
     alpha_max, eta, beta: FAB's bias towards the clean image, overshoot and backward step.

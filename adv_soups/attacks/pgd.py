@@ -23,7 +23,8 @@ from jax import lax
 
 from adv_soups.attacks import losses as losses_lib
 
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2")  # PGD's (and training's) norms
+ALL_NORMS = ("linf", "l2", "l1")  # evaluation: APGD, FAB-T and Square also have l_1 forms
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
@@ -36,10 +37,11 @@ def is_concrete(x: Any) -> bool:
 
 
 def check_settings(*, eps: Any, norm: str, num_steps: int, restarts: int = 1,
-                   loss: str | None = None) -> None:
-  """Raises ValueError for a bad eps / norm / num_steps / restarts / loss (data-free checks)."""
-  if norm not in NORMS:
-    raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+                   loss: str | None = None, norms: tuple[str, ...] = NORMS) -> None:
+  """Raises ValueError for a bad eps / norm / num_steps / restarts / loss (data-free checks);
+  `norms`: the norms the caller has (PGD: l_inf and l_2; APGD, FAB-T, Square: `ALL_NORMS`)."""
+  if norm not in norms:
+    raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(norms)}")
   if is_concrete(eps):
     e = float(eps)
     if not e >= 0:  # also rejects NaN
@@ -81,9 +83,10 @@ def num_classes_of(logits_fn: LogitsFn, images: jax.Array) -> int:
 
 
 def validate(logits_fn: LogitsFn, images, labels, targets, *, eps, norm, num_steps, restarts,
-             loss, step_size=None) -> int | None:
+             loss, step_size=None, norms: tuple[str, ...] = NORMS) -> int | None:
   """All argument checks of pgd / apgd; returns the number of classes (None if not needed)."""
-  check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts, loss=loss)
+  check_settings(eps=eps, norm=norm, num_steps=num_steps, restarts=restarts, loss=loss,
+                 norms=norms)
   if step_size is not None and is_concrete(step_size) and not float(step_size) >= 0:
     raise ValueError(f"step_size must be >= 0, got step_size={float(step_size)}")
   if jnp.ndim(images) < 2:

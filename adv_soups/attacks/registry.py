@@ -19,7 +19,14 @@ An entry says:
 A *suite* is an ordered tuple of attack names run in sequence, each on the points every earlier
 one failed on. 'autoattack' is AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square) at
 the reference budgets; run with other budgets it is reported under its attacks' names, never as
-AutoAttack.
+AutoAttack. 'autoattack-rand' is its version for randomised defences (`VERSIONS`): APGD-CE and
+APGD-DLR with EOT over 20 draws of the model's randomness per gradient (`attacks.eot`).
+
+Settings per (version, norm), as AutoAttack's `set_version`: at l_1 the standard version runs
+APGD-CE with 5 restarts and APGD-T with 5 targets, both with the 3 / 2 / 1 eps schedule
+(`largereps`, `attacks.l1`); FAB-T (9 targets) and Square (5,000 queries) as at l_inf / l_2.
+The rand version: APGD-CE and APGD-DLR, 1 restart, `eot_draws` 20. PGD (a training attack) has no
+l_1 form.
 """
 from __future__ import annotations
 
@@ -31,12 +38,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import eot as eot_lib
 from adv_soups.attacks import fab as fab_lib
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import square as square_lib
 
 NUM_TARGETS = 9  # AutoAttack's targets for APGD-T and FAB-T (at most K - 1)
 STANDARD = "standard"  # AutoAttack's version whose settings every entry carries
+RAND = "rand"  # AutoAttack's version for randomised defences (EOT)
+EOT_DRAWS = eot_lib.DEFAULT_DRAWS  # the rand version's draws per gradient (20)
+L1_RESTARTS, L1_TARGETS = 5, 5  # the standard version at l_1: APGD-CE restarts, APGD-T targets
 BUDGET_KINDS = ("iterations", "queries")
 
 
@@ -71,6 +82,7 @@ class Attack:
     per-row model inputs ([B, ...] each, e.g. the soup's mixing weights), so rows they compact
     inside the stage keep their own inputs (Square, FAB-T); other attacks get a logits_fn of
     the images alone.
+  eot: the stage can average its gradients over draws of a randomised model (`eot_draws`).
   """
   name: str
   display: str
@@ -79,12 +91,13 @@ class Attack:
   default_steps: int | None = 100
   targeted: bool = False
   min_classes: int = 2
-  norms: tuple[str, ...] = ("linf", "l2")
+  norms: tuple[str, ...] = ("linf", "l2", "l1")
   settings: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   breaks: Callable[..., jax.Array] = misclassified
   full: Callable[..., jax.Array] | None = None
   restartable: bool = True
   row_args: bool = False
+  eot: bool = False
   description: str = ""
 
   def __post_init__(self):
@@ -107,29 +120,31 @@ class Attack:
     """Runner stages: min(targets, K - 1) for a targeted attack, else 1."""
     return min(int(targets), int(num_classes) - 1) if self.targeted else 1
 
-  def run_stage(self, rows_fn, row_args, images, labels, rng, **kwargs) -> jax.Array:
-    """`stage` with the model as `rows_fn(x, *row_args)`: passed whole to a `row_args` attack,
-    bound to `row_args` for the others."""
-    if self.row_args:
+  def run_stage(self, f, images, labels, rng, *, rows=None, **kwargs) -> jax.Array:
+    """`stage` on `f` (images -> logits). A `row_args` attack gets `rows` = (rows_fn, row_args)
+    instead where given (`rows_fn(x, *row_args)` equals `f(x)`), so per-row model inputs move
+    with the rows it compacts; `f` must then close over nothing per-row."""
+    if self.row_args and rows is not None:
+      rows_fn, row_args = rows
       return self.stage(rows_fn, images, labels, rng, row_args=tuple(row_args), **kwargs)
-    return self.stage(_bound(rows_fn, row_args), images, labels, rng, **kwargs)
+    return self.stage(f, images, labels, rng, **kwargs)
 
   def run_full(self, logits_fn, images, labels, rng, *, eps, norm, budget, settings,
-               index=None, row_args=()) -> jax.Array:
-    """The whole attack on a batch (every target), adversarial images [B, H, W, C];
-    `logits_fn(x, *row_args)` -> logits."""
-    rows_fn = logits_fn
-    logits_fn = _bound(rows_fn, row_args)
+               index=None, rows=None) -> jax.Array:
+    """The whole attack on a batch (every target), adversarial images [B, H, W, C]; `rows` as
+    in `run_stage`."""
     if self.full is not None:
-      extra = dict(row_args=tuple(row_args)) if self.row_args else {}
-      return self.full(rows_fn if self.row_args else logits_fn, images, labels, rng, eps=eps,
-                       norm=norm, budget=budget, settings=settings, index=index, **extra)
+      if self.row_args and rows is not None:
+        return self.full(rows[0], images, labels, rng, eps=eps, norm=norm, budget=budget,
+                         settings=settings, index=index, row_args=tuple(rows[1]))
+      return self.full(logits_fn, images, labels, rng, eps=eps, norm=norm, budget=budget,
+                       settings=settings, index=index)
     x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
     index = pgd_lib._default_index(x, index)  # pylint: disable=protected-access
     num_classes = pgd_lib.num_classes_of(logits_fn, x)
     best = done = None
     for rank in range(self.num_stages(num_classes, settings.get("targets", 1))):
-      x_adv = self.run_stage(rows_fn, row_args, x, labels, rng, eps=eps, norm=norm,
+      x_adv = self.run_stage(logits_fn, x, labels, rng, rows=rows, eps=eps, norm=norm,
                              budget=budget, settings=settings, index=index, rank=rank,
                              step_size=0.0)
       ok = self.breaks(logits_fn, x_adv, x, labels, eps=eps, norm=norm)
@@ -145,10 +160,44 @@ class Attack:
 ATTACKS: dict[str, Attack] = {}
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 WHITE_BOX_CORE = ("apgd-ce", "apgd-t")
+RAND_AUTOATTACK = ("apgd-ce", "apgd-dlr")
 SUITES: dict[str, tuple[str, ...]] = {
     "autoattack": STANDARD_AUTOATTACK,  # AutoAttack's standard version
+    "autoattack-rand": RAND_AUTOATTACK,  # its version for randomised defences (EOT)
     "none": (),
 }
+VERSIONS = {"autoattack": STANDARD, "autoattack-rand": RAND}  # suite name -> its version
+
+
+def version_of(text: Any) -> str:
+  """The version a request's attack text asks for: 'rand' for 'autoattack-rand', else
+  'standard' (the settings every attack runs with when named one by one)."""
+  return VERSIONS.get(text.strip(), STANDARD) if isinstance(text, str) else STANDARD
+
+
+def check_norm(names: Sequence[str], norm: str) -> None:
+  """ValueError (one line) when an attack of `names` has no form for `norm`."""
+  for n in names:
+    if norm not in get(n).norms:
+      have = [a for a in ATTACKS if norm in ATTACKS[a].norms]
+      whole = [s for s, members in SUITES.items() if members and all(
+          norm in ATTACKS[m].norms for m in members)]
+      raise ValueError(f"attack {n!r} has no {norm} form: for norm={norm} use "
+                       f"{', '.join(have + whole)}")
+
+
+def check_eot(names: Sequence[str], eot_draws: Any) -> int | None:
+  """`eot_draws` (None or an int >= 1) after checking every attack of `names` has an EOT form;
+  ValueError (one line) otherwise."""
+  if eot_draws is None:
+    return None
+  draws = eot_lib.check_draws(eot_draws)
+  other = [n for n in names if not get(n).eot]
+  if other:
+    have = [n for n in ATTACKS if ATTACKS[n].eot]
+    raise ValueError(f"EOT draws (--eot_draws={eot_draws}) apply to {', '.join(have)} only, "
+                     f"not {', '.join(other)}: use --attack=autoattack-rand or {','.join(have)}")
+  return draws
 
 
 def register(attack: Attack, *, replace: bool = False) -> Attack:
@@ -175,12 +224,6 @@ def allowed_text() -> str:
           ", or a comma list of attacks such as apgd-ce,apgd-t")
 
 
-def _bound(rows_fn, row_args):
-  """`rows_fn(x, *row_args)` as a function of the images alone."""
-  row_args = tuple(row_args)
-  return (lambda z: rows_fn(z, *row_args)) if row_args else rows_fn
-
-
 def get(name: str) -> Attack:
   """The entry of attack `name`; ValueError listing the registered ones otherwise."""
   attack = ATTACKS.get(name)
@@ -199,22 +242,35 @@ def _pgd_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_s
                      restarts=settings["restarts"], loss=settings["loss"], example_index=index)
 
 
+def _eot_factory(f, rng, index, draws):
+  """APGD's EOT `state_factory` for `f`: a randomised model's `f.keyed(images, keys)` with its
+  per-row keys `f.model_keys` (set by the runner), or a deterministic f (every draw the same)."""
+  keyed = getattr(f, "keyed", None)
+  if keyed is None:
+    return eot_lib.eot_state_factory(lambda z, ks: f(z), pgd_lib.example_keys(rng, index), draws)
+  return eot_lib.eot_state_factory(keyed, f.model_keys, draws)
+
+
 def _apgd_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size):
   del rank, step_size
+  draws = settings.get("eot_draws")
+  factory = _eot_factory(f, rng, pgd_lib._default_index(x, index), draws) if draws else None  # pylint: disable=protected-access
   return apgd_lib.apgd(f, x, y, rng, eps=eps, num_steps=budget, norm=norm,
-                       loss=settings["loss"], restarts=settings["restarts"], example_index=index)
+                       loss=settings["loss"], restarts=settings["restarts"], example_index=index,
+                       largereps=settings.get("largereps", False), state_factory=factory)
 
 
 def _apgd_t_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size):
   del step_size
   return apgd_lib.apgd_t_single(f, x, y, rng, rank, eps=eps, num_steps=budget, norm=norm,
-                                restarts=settings["restarts"], example_index=index)[0]
+                                restarts=settings["restarts"], example_index=index,
+                                largereps=settings.get("largereps", False))[0]
 
 
 def _apgd_t_full(f, x, y, rng, *, eps, norm, budget, settings, index):
   return apgd_lib.apgd_t(f, x, y, rng, eps=eps, num_steps=budget, norm=norm,
                          num_targets=settings["targets"], restarts=settings["restarts"],
-                         example_index=index)
+                         example_index=index, largereps=settings.get("largereps", False))
 
 
 def _fab_t_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, step_size,
@@ -238,24 +294,32 @@ def _square_stage(f, x, y, rng, *, eps, norm, budget, settings, index, rank, ste
                            example_index=index, row_args=row_args)
 
 
-def _settings(loss: str, targets: int | None = None, **extra) -> dict:
-  """The standard version's settings under both norms."""
+def _settings(loss: str, targets: int | None = None, norms=("linf", "l2", "l1"), l1=None,
+              rand: bool = False, **extra) -> dict:
+  """The standard version's settings under `norms` (`l1`: what differs at l_1); `rand`: the rand
+  version's too (1 restart, EOT over 20 draws)."""
   s = dict(restarts=1, loss=loss, **extra)
   if targets is not None:
     s["targets"] = targets
-  return {(STANDARD, "linf"): s, (STANDARD, "l2"): s}
+  out = {(STANDARD, n): dict(s, **(l1 or {}) if n == "l1" else {}) for n in norms}
+  if rand:
+    out.update({(RAND, n): dict(s, eot_draws=EOT_DRAWS) for n in norms})
+  return out
 
 
 for _attack in (
-    Attack("pgd", "PGD", _pgd_stage, default_steps=None,
-           settings=_settings("ce", step_size=None),  # None: 2.5 eps / k
+    Attack("pgd", "PGD", _pgd_stage, default_steps=None, norms=("linf", "l2"),
+           settings=_settings("ce", norms=("linf", "l2"), step_size=None),  # None: 2.5 eps / k
            description="PGD-k on the cross-entropy, random start, step 2.5 eps / k"),
-    Attack("apgd-ce", "APGD-CE", _apgd_stage, settings=_settings("ce"),
+    Attack("apgd-ce", "APGD-CE", _apgd_stage, eot=True, settings=_settings(
+        "ce", l1=dict(restarts=L1_RESTARTS, largereps=True), rand=True),
            description="APGD on the cross-entropy (Croce & Hein 2020)"),
-    Attack("apgd-dlr", "APGD-DLR", _apgd_stage, min_classes=3, settings=_settings("dlr"),
+    Attack("apgd-dlr", "APGD-DLR", _apgd_stage, min_classes=3, eot=True,
+           settings=_settings("dlr", rand=True),
            description="APGD on the DLR loss"),
     Attack("apgd-t", "APGD-T", _apgd_t_stage, targeted=True, min_classes=4, full=_apgd_t_full,
-           settings=_settings("dlr-targeted", NUM_TARGETS),
+           settings=_settings("dlr-targeted", NUM_TARGETS,
+                              l1=dict(targets=L1_TARGETS, largereps=True)),
            description="APGD on the targeted DLR loss, 9 runner-up targets"),
     Attack("fab-t", "FAB-T", _fab_t_stage, targeted=True, full=_fab_t_full,
            breaks=misclassified_within_eps, settings=_settings("fab-targeted", NUM_TARGETS),
@@ -367,22 +431,55 @@ def is_reference(names: Sequence[str], budgets: Mapping[str, int]) -> bool:
       budgets.get(n) == ATTACKS[n].default_steps for n in names)
 
 
-def suite_label(names: Sequence[str], budgets: Mapping[str, int] | None = None) -> str:
+def is_rand_reference(names: Sequence[str], budgets: Mapping[str, int], version: str,
+                      eot_draws: int | None = None) -> bool:
+  """True when `names` is AutoAttack's rand version at its reference budgets and 20 draws."""
+  return (version == RAND and tuple(names) == RAND_AUTOATTACK
+          and all(budgets.get(n) == ATTACKS[n].default_steps for n in names)
+          and eot_draws in (None, EOT_DRAWS))
+
+
+def suite_label(names: Sequence[str], budgets: Mapping[str, int] | None = None,
+                version: str = STANDARD, eot_draws: int | None = None) -> str:
   """A short, file-name-safe label: 'autoattack' for the standard version at the reference
-  budgets (any budgets when `budgets` is None), 'apgd-ce+apgd-t' otherwise, 'none' for clean
-  accuracy only."""
+  budgets (any budgets when `budgets` is None), 'autoattack-rand' for the rand version at its
+  reference settings, 'apgd-ce+apgd-t' otherwise, 'none' for clean accuracy only."""
   if not names:
     return "none"
+  if version == RAND:
+    ok = budgets is None or is_rand_reference(names, budgets, version, eot_draws)
+    return "autoattack-rand" if ok and tuple(names) == RAND_AUTOATTACK else "+".join(names)
   if tuple(names) == STANDARD_AUTOATTACK and (budgets is None or is_reference(names, budgets)):
     return "autoattack"
   return "+".join(names)
 
 
-def describe(names: Sequence[str], budgets: Mapping[str, int]) -> str:
+def describe(names: Sequence[str], budgets: Mapping[str, int], version: str = STANDARD,
+             norm: str = "linf", eot_draws: int | None = None) -> str:
   """What ran, in words: 'PGD-20', 'APGD-CE + APGD-T (100 iterations each)', or
   "AutoAttack, standard version: APGD-CE + APGD-T + FAB-T (100 iterations each; Square 5000
-  queries)". A partial suite, or the suite at other budgets, is never called AutoAttack."""
+  queries)". A partial suite, or the suite at other budgets, is never called AutoAttack; nor is
+  the rand version at other than 20 draws. The per-(version, norm) settings that differ from
+  one restart / 9 targets (l_1: restarts, targets, the eps schedule; EOT draws) are named."""
   names = tuple(names)
+  text = _describe(names, budgets, version, norm, eot_draws)
+  extra = []
+  for n in names:
+    s = get(n).settings_for(norm, version)
+    draws = eot_draws if (eot_draws is not None and get(n).eot) else s.get("eot_draws")
+    bits = [f"{s['restarts']} restarts"] if s.get("restarts", 1) > 1 else []
+    if get(n).targeted and s.get("targets", NUM_TARGETS) != NUM_TARGETS:
+      bits.append(f"{s['targets']} targets")
+    if s.get("largereps"):
+      bits.append("eps schedule 3/2/1 eps")
+    if draws:
+      bits.append(f"EOT {draws} draws")
+    if bits:
+      extra.append(f"{display(n)}: {', '.join(bits)}")
+  return text + (f" [{'; '.join(extra)}]" if extra else "")
+
+
+def _describe(names, budgets, version, norm, eot_draws) -> str:
   if not names:
     return "none (clean accuracy only)"
   if names == ("pgd",):
@@ -401,8 +498,13 @@ def describe(names: Sequence[str], budgets: Mapping[str, int]) -> str:
     if ATTACKS[n].budget == "queries":
       details.append(f"{ATTACKS[n].display} {budgets[n]} queries")
   text += f" ({'; '.join(details)})" if details else ""
+  if version == RAND:
+    if is_rand_reference(names, budgets, version, eot_draws):
+      return "AutoAttack, rand version (randomised defences): " + text
+    return text + ", with EOT, not AutoAttack's rand version" if any(
+        get(n).eot for n in names) else text
   if is_reference(names, budgets):
-    return "AutoAttack, standard version: " + text
+    return f"AutoAttack, standard version{' (l1)' if norm == 'l1' else ''}: " + text
   if names == STANDARD_AUTOATTACK:
     return text + ", AutoAttack's attacks at other budgets, not AutoAttack's standard version"
   if names == WHITE_BOX_CORE:

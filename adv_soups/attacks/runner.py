@@ -19,6 +19,13 @@ first example, and the per-example results are combined afterwards.
 
 FAB-T returns minimally distorted points that may lie outside the eps ball: as in AutoAttack, a
 FAB point breaks an example only when it is misclassified *and* within eps.
+
+A randomised model (`randomised=True`: `logits_fn(..., keys)` takes one PRNG key per row, see
+`attacks.eot`) draws its randomness from the row's key (its example's global index) and the
+input, in every stage, the clean pass and each stage's final re-scoring included (with draws of
+its own: keyed like the attack's queries, the re-scoring would repeat the very draw in which the
+attack saw its point misclassified, and count the best of its draws); the attacks with an EOT
+form (APGD-CE, APGD-DLR) average their gradients over `eot_draws` draws.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from adv_soups import parallel
+from adv_soups.attacks import apgd as apgd_lib
+from adv_soups.attacks import eot as eot_lib
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import registry
 
@@ -91,26 +100,46 @@ def _cached(key, build, store=None):
   return value
 
 
-def _bind(logits_fn, params, domain, has_params, has_domain):
-  """images -> logits, closing over params (replicated) and the per-example domain."""
-  def f(images):
+def _bind(logits_fn, params, domain, has_params, has_domain, model_keys=None):
+  """images -> logits, closing over params (replicated) and the per-example domain. For a
+  randomised model (`model_keys` [B], one key per row) each pass is keyed by the row's key and
+  its input (`eot.input_keys`), and f carries `keyed(images, keys)` and `model_keys` for EOT."""
+  def call(images, *keys):
     args = ((params,) if has_params else ()) + (images,) + ((domain,) if has_domain else ())
-    return logits_fn(*args)
+    return logits_fn(*(args + keys))
+
+  if model_keys is None:
+    return call
+
+  def f(images):
+    return call(images, eot_lib.input_keys(model_keys, images))
+  f.keyed, f.model_keys = call, model_keys
   return f
 
 
-def _clean_fn(logits_fn, has_params, has_domain, mesh):
-  def inner(params, images, labels, domain, mask):
+_MODEL_TAG = 0x6D6F64  # folds the model's randomness apart from the attacks' random starts
+_SCORE_TAG = 0x73636F  # the final re-scoring pass: draws independent of the attack's queries
+
+
+def _model_keys(rng, index, randomised):
+  """Per-row keys of a randomised model's randomness [B] (None for a deterministic model)."""
+  return pgd_lib.example_keys(jax.random.fold_in(rng, _MODEL_TAG), index) if randomised else None
+
+
+def _clean_fn(logits_fn, has_params, has_domain, mesh, randomised=False):
+  def inner(params, images, labels, domain, mask, index, rng):
     with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
-      logits = _bind(logits_fn, params, domain, has_params, has_domain)(images)
+      keys = _model_keys(rng, index, randomised)
+      logits = _bind(logits_fn, params, domain, has_params, has_domain, keys)(images)
       return mask & (jnp.argmax(logits, axis=-1) == labels)
   d = P(parallel.DATA_AXIS)
-  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d), out_specs=d,
+  sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P()), out_specs=d,
                      check_vma=False)  # exact GELU (erfc) fails the vma check in jax 0.12
   return jax.jit(sm)
 
 
-def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, norm, budget, settings):
+def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, norm, budget, settings,
+               randomised=False):
   """Compiled stage of registry entry `attack`: (params, images, labels, domain, mask, index,
   rng, rank, eps, step_size) -> survived [B]. eps, rank and step_size are traced: one
   compilation serves every eps and target. `settings` are the entry's static settings (items)."""
@@ -119,12 +148,19 @@ def _attack_fn(logits_fn, has_params, has_domain, mesh, attack, norm, budget, se
 
   def inner(params, images, labels, domain, mask, index, rng, rank, eps, step_size):
     with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
-      f = _bind(logits_fn, params, domain, has_params, has_domain)
-      # Square and FAB-T compact their rows: the per-row domain travels with them.
-      rows_f = lambda z, dom: _bind(logits_fn, params, dom, has_params, has_domain)(z)
-      x_adv = entry.run_stage(rows_f, (domain,), images, labels, rng, eps=eps, norm=norm,
-                              budget=budget, settings=s, index=index, rank=rank,
+      keys = _model_keys(rng, index, randomised)
+      f = _bind(logits_fn, params, domain, has_params, has_domain, keys)
+      # Square and FAB-T compact their rows: the per-row domain (and a randomised model's
+      # per-row keys) travel with them.
+      row_args = (domain,) if keys is None else (domain, keys)
+      rows_f = lambda z, dom, *k: _bind(logits_fn, params, dom, has_params, has_domain,
+                                        k[0] if k else None)(z)
+      x_adv = entry.run_stage(f, images, labels, rng, rows=(rows_f, row_args), eps=eps,
+                              norm=norm, budget=budget, settings=s, index=index, rank=rank,
                               step_size=step_size)
+      if randomised:  # re-score with a draw the attack never saw (not the one it found wrong)
+        f = _bind(logits_fn, params, domain, has_params, has_domain,
+                  jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, _SCORE_TAG))
       return mask & ~entry.breaks(f, x_adv, images, labels, eps=eps, norm=norm)
   d = P(parallel.DATA_AXIS)
   sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), d, d, d, d, d, P(), P(), P(), P()),
@@ -196,7 +232,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
                     step_size: float | None = None, num_targets: int | None = None,
                     mesh=None, seed: int = 0, params: Any = None, batch_size: int | None = None,
                     index_offset: int = 0, version: str = registry.STANDARD,
-                    programs: list | None = None) -> RobustResult | None:
+                    programs: list | None = None, eot_draws: int | None = None,
+                    randomised: bool = False) -> RobustResult | None:
   """Clean accuracy, then robust accuracy under `attacks` run in sequence on the survivors.
 
   Args:
@@ -216,9 +253,10 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
       each row's random starts; default its position in the stream plus `index_offset`: rows
       that share a key, e.g. one example under several soups, share their starts). Batch sizes
       may vary.
-    eps: threat-model radius in pixels (l_inf: [0, 1]; l_2: >= 0). eps = 0 skips no work but
-      returns robust == clean_correct.
-    norm: "linf" or "l2" (each attack's registry entry lists the norms it supports).
+    eps: threat-model radius in pixels (l_inf: [0, 1]; l_2, l_1: >= 0). eps = 0 skips no work
+      but returns robust == clean_correct.
+    norm: "linf", "l2" or "l1" (each attack's registry entry lists the norms it supports; every
+      one but PGD has an l_1 form).
     attacks: names of the attack registry (`registry.ATTACKS`): "pgd", "apgd-ce", "apgd-dlr",
       "apgd-t" (one stage per target), "fab-t" (one stage per target; a point counts only
       within eps), "square", or any registered one; a suite name ("autoattack" = AutoAttack's
@@ -238,11 +276,16 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     batch_size: examples per compiled call (default: the first batch's size), rounded up to a
       multiple of the number of devices. A stage's last, partial call is padded only to
       `flush_size` rows.
-    version: the suite version whose per-norm settings the attacks use ('standard').
+    version: the suite version whose per-norm settings the attacks use ('standard', or 'rand':
+      APGD-CE / APGD-DLR with EOT over 20 draws).
     programs: a list to fill instead of running (the memory check): each distinct stage
       program, compiled ahead of time for full batches of the first batch's shapes, is appended
       as (stage name, `jax.stages.Compiled`) and None is returned. They stay in the cache (with
       `params`), so a later call with the same shapes executes these very objects.
+    eot_draws: the draws per gradient of the attacks with an EOT form (default their version's;
+      an attack without one is a ValueError).
+    randomised: `logits_fn` takes one more argument, keys [b] (one PRNG key per row), and draws
+      its randomness from them (`attacks.eot`).
 
   Returns:
     A `RobustResult` (accuracies, per-example flags, and each attack's settings: budget,
@@ -253,8 +296,9 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   names = _expand_attacks(attacks)
   budgets = registry.resolve_budgets(names, num_steps)
   entries = [registry.get(n) for n in names]
+  registry.check_eot(names, eot_draws)
   for entry in entries:
-    if norm not in entry.norms and norm in pgd_lib.NORMS:
+    if norm not in entry.norms and norm in pgd_lib.ALL_NORMS:
       raise ValueError(f"attack {entry.name!r} does not support norm {norm!r}: allowed "
                        f"{', '.join(entry.norms)}")
   attack_settings = []
@@ -267,11 +311,15 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     for key in ("restarts", "targets"):
       if key in s and (int(s[key]) != s[key] or s[key] < 1):
         raise ValueError(f"{key} must be an integer >= 1, got {key}={s[key]}")
+    if eot_draws is not None:
+      s["eot_draws"] = int(eot_draws)
     pgd_lib.check_settings(eps=eps, norm=norm, num_steps=budgets[entry.name],
-                           restarts=s.get("restarts", 1))
+                           restarts=s.get("restarts", 1), norms=pgd_lib.ALL_NORMS)
+    apgd_lib.check_largereps(norm, budgets[entry.name], s.get("largereps", False))
     attack_settings.append(s)
   if not names:
-    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, restarts=restarts or 1)
+    pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1, restarts=restarts or 1,
+                           norms=pgd_lib.ALL_NORMS)
   if step_size is not None and not float(step_size) > 0:
     raise ValueError(f"step_size must be > 0, got step_size={step_size}")
   mesh = parallel.make_mesh(jax.local_devices()) if mesh is None else mesh
@@ -285,6 +333,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
   base_key = jax.random.PRNGKey(seed)
   attack_keys = [jax.device_put(jax.random.fold_in(base_key, j), parallel.replicated(mesh))
                  for j in range(len(names))]
+  clean_key = jax.device_put(jax.random.fold_in(base_key, 2 ** 31 - 1), parallel.replicated(mesh))
   eps = float(eps)
 
   stages: list[tuple[int, str, int]] = []  # (attack position, attack name, rank); -1 = clean
@@ -307,7 +356,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     key_c = ("num_classes", logits_fn, has_params, spec_img.shape,
              None if spec_dom is None else (spec_dom.shape, str(spec_dom.dtype)))
     num_classes = _cached(key_c, lambda: int(jax.eval_shape(
-        lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain)(x),
+        lambda p, x, dd: _bind(logits_fn, p, dd, has_params, has_domain, _model_keys(
+            base_key, jnp.arange(x.shape[0]), randomised))(x),
         params_arg, spec_img, spec_dom).shape[-1]), store)
     shapes = (spec_img.shape[1:], None if spec_dom is None else
               (spec_dom.shape[1:], str(spec_dom.dtype)), params_sig)
@@ -324,6 +374,8 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
         out.update(targets=n_stages, num_targets=n_stages)
       if step_size is not None and "step_size" in s:  # the attacks that take a step size
         out["step_size"] = float(step_size)
+      if randomised:
+        out["randomised"] = True
       out.update(seconds=0.0, compile_seconds=0.0, rows_attacked=0, rows_computed=0)
       stages.extend((j, entry.name, r) for r in range(n_stages))
       settings_out.append(out)
@@ -334,12 +386,13 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
     j, a, _ = stage
     hd = state["has_domain"]
     if a == "clean":
-      return (("clean", logits_fn, has_params, hd, mesh),
-              lambda: _clean_fn(logits_fn, has_params, hd, mesh))
+      return (("clean", logits_fn, has_params, hd, mesh, randomised),
+              lambda: _clean_fn(logits_fn, has_params, hd, mesh, randomised))
     static = tuple(sorted(attack_settings[j].items()))
     return (("attack", a, id(registry.get(a)), norm, budgets[a], static, logits_fn, has_params,
-             hd, mesh),
-            lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, norm, budgets[a], static))
+             hd, mesh, randomised),
+            lambda: _attack_fn(logits_fn, has_params, hd, mesh, a, norm, budgets[a], static,
+                               randomised))
 
   def compiled(stage, args: tuple):
     """The AOT-compiled executable of `stage` for these arguments' shapes (compiled once; the
@@ -385,7 +438,7 @@ def robust_accuracy(logits_fn: Callable[..., jax.Array], batches: Iterable[dict]
         np.zeros((size,), np.float32), sharding)
     j, a, rank = stages[k]
     if a == "clean":
-      return (params_dev, dev["image"], dev["label"], domain, dev["mask"])
+      return (params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"], clean_key)
     return (params_dev, dev["image"], dev["label"], domain, dev["mask"], dev["key"],
             attack_keys[j], np.int32(rank), np.float32(eps),
             np.float32(0.0 if step_size is None else step_size))

@@ -231,7 +231,8 @@ def check_square_settings(*, eps, norm: str, num_queries: int, p_init: float) ->
     raise ValueError(f"num_queries must be an integer >= 1, got num_queries={num_queries}")
   if not 0 < float(p_init) <= 1:
     raise ValueError(f"p_init must be in (0, 1], got p_init={p_init}")
-  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=int(num_queries))
+  pgd_lib.check_settings(eps=eps, norm=norm, num_steps=int(num_queries),
+                         norms=pgd_lib.ALL_NORMS)
 
 
 def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM_QUERIES,
@@ -251,7 +252,8 @@ def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int =
     raise ValueError(f"compact_every must be an integer >= 1, got compact_every={compact_every}")
   row_args = tuple(row_args)
   pgd_lib.validate(lambda z: logits_fn(z, *row_args), images, labels, None, eps=eps, norm=norm,
-                   num_steps=num_queries, restarts=1, loss="margin")
+                   num_steps=num_queries, restarts=1, loss="margin",
+                   norms=pgd_lib.ALL_NORMS)
   x = lax.stop_gradient(jnp.asarray(images, jnp.float32))
   labels = jnp.asarray(labels)
   eps = jnp.asarray(eps, jnp.float32)
@@ -261,6 +263,9 @@ def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int =
   bc = pgd_lib._bcast  # pylint: disable=protected-access
   start = _linf_start if norm == "linf" else _l2_start
   update = _linf_update if norm == "linf" else _l2_update
+  if norm == "l1":  # the l_1 form (its own module; imported here: it builds on this one)
+    from adv_soups.attacks import square_l1
+    start, update = square_l1.l1_start, square_l1.l1_update
 
   def evaluate(xa, y, args):
     logits = logits_fn(xa, *args)
@@ -318,7 +323,7 @@ def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM
     rng: PRNG key; example i draws from fold_in(rng, example_index[i]).
     eps: threat-model radius in pixel units (l_inf: [0, 1]; l_2: >= 0).
     num_queries: iterations (one forward pass each; AutoAttack: 5,000); the start costs one more.
-    norm: "linf" or "l2".
+    norm: "linf", "l2" or "l1" (the l_1 form: `attacks.square_l1`).
     p_init: initial fraction of pixels changed per iteration, in (0, 1] (AutoAttack: 0.8).
     rescale_schedule: stretch the p schedule (made for 10,000 queries) to num_queries; False, as
       AutoAttack's standard version, applies it to the raw iteration count.

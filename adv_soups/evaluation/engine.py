@@ -47,6 +47,20 @@ def model_logits_fn(model, class_subset: tuple[int, ...] | None = None) -> Any:
   return fn
 
 
+@functools.lru_cache(maxsize=16)
+def random_logits_fn(model, dropout: float, class_subset: tuple[int, ...] | None = None) -> Any:
+  """`fn(params, images, domain, keys [B]) -> logits [B, K]`: `model` randomised at evaluation
+  (dropout at rate `dropout` on, and drop path where the config has it), each row applied alone
+  with its own key (`attacks.eot.per_example_apply`); one object per (model, rate, subset)."""
+  from adv_soups.attacks import eot
+  randomised = model.clone(dropout_rate=float(dropout))
+  index = None if class_subset is None else jnp.asarray(class_subset, jnp.int32)
+
+  def fn(params, images, domain, keys):
+    return eot.per_example_apply(randomised, params, images, domain, keys, index)
+  return fn
+
+
 def expand(batch: dict, domains: np.ndarray) -> dict:
   """(example x column) rows of a batch, example-major: row i * A + a is example i, column a.
 
@@ -153,7 +167,8 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
                      class_subset: Sequence[int] | None = None, mesh=None, seed: int = 0,
                      batch_size: int | None = None, index_offset: int = 0,
                      store: ChunkStore | None = None, chunk_batches: int = 32,
-                     on_chunk=None) -> ColumnResult:
+                     on_chunk=None, version: str = registry.STANDARD,
+                     eot_draws: int | None = None, dropout: float | None = None) -> ColumnResult:
   """Clean and robust correctness of every example under each of the A columns.
 
   Args:
@@ -165,7 +180,11 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
     attacks: names of the attack registry, run in sequence on the survivors (empty: clean
       accuracy only); budgets: {name: iterations or queries} (an attack not named runs at its
       registry default; PGD has none).
-    eps: pixel units; norm: 'linf' | 'l2'.
+    eps: pixel units; norm: 'linf' | 'l2' | 'l1'.
+    version: the suite version ('standard'; 'rand': EOT), eot_draws: its draws per gradient
+      (default the version's).
+    dropout: a rate > 0 evaluates a randomised model (dropout on at evaluation, drawn per row
+      from the row's key: `random_logits_fn`); None / 0: the deterministic model.
     class_subset: restrict predictions to these classes (e.g. ImageNet-R's 200); labels are
       remapped to the subset.
     mesh: default this process's devices. batch_size: rows per compiled call (default: the first
@@ -180,7 +199,9 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
   count = len(domains)
   params = host_local(params)
   subset = None if class_subset is None else tuple(int(c) for c in class_subset)
-  logits_fn = model_logits_fn(model, subset)
+  randomised = bool(dropout)
+  logits_fn = (random_logits_fn(model, float(dropout), subset) if randomised
+               else model_logits_fn(model, subset))
   mesh = mesh or parallel.make_mesh(jax.local_devices())
   names = tuple(attacks)
   budgets = dict(budgets or {})
@@ -219,7 +240,8 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
     else:
       result = robust_accuracy(logits_fn, rows(chunk), eps=eps, norm=norm, attacks=names,
                                num_steps=budgets or None, params=params, mesh=mesh, seed=seed,
-                               batch_size=batch_size)
+                               batch_size=batch_size, version=version, eot_draws=eot_draws,
+                               randomised=randomised)
       cc, bb = result.clean_correct, result.broken_by
       if outside:  # never right: a clean error, not attacked into one
         wrong = np.concatenate(outside)
@@ -250,7 +272,9 @@ def column_programs(model, params: Any, image_shape: Sequence[int], domains: np.
                     attacks: Sequence[str] = (), budgets: dict[str, int] | None = None,
                     eps: float = 0.0, norm: str = "linf",
                     class_subset: Sequence[int] | None = None, mesh=None, seed: int = 0,
-                    batch_size: int) -> list[tuple[str, Any]]:
+                    batch_size: int, version: str = registry.STANDARD,
+                    eot_draws: int | None = None,
+                    dropout: float | None = None) -> list[tuple[str, Any]]:
   """The distinct programs `evaluate_columns` runs for batches of `batch_size` rows of images
   [H, W, C] (same arguments), compiled ahead of time and left in the runner's cache, so the
   evaluation that follows executes these objects: [(stage name, `jax.stages.Compiled`)]."""
@@ -264,9 +288,13 @@ def column_programs(model, params: Any, image_shape: Sequence[int], domains: np.
   if subset is not None:
     rows["label"], _ = remap_labels(rows["label"], subset)
   programs: list[tuple[str, Any]] = []
-  robust_accuracy(model_logits_fn(model, subset), [rows], eps=eps, norm=norm,
+  randomised = bool(dropout)
+  logits_fn = (random_logits_fn(model, float(dropout), subset) if randomised
+               else model_logits_fn(model, subset))
+  robust_accuracy(logits_fn, [rows], eps=eps, norm=norm,
                   attacks=tuple(attacks), num_steps=dict(budgets or {}) or None, params=params,
-                  mesh=mesh, seed=seed, batch_size=batch_size, programs=programs)
+                  mesh=mesh, seed=seed, batch_size=batch_size, programs=programs,
+                  version=version, eot_draws=eot_draws, randomised=randomised)
   return programs
 
 
@@ -303,7 +331,8 @@ def evaluate_request(request, dataset: str | None = None, split: str | None = No
       norm=request.norm, class_subset=spec.class_subset, seed=request.seed,
       batch_size=batch_rows(request, dataset, split, num_examples, count),
       index_offset=request.offset(dataset, split, num_examples), store=store,
-      chunk_batches=chunk_batches, on_chunk=on_chunk)
+      chunk_batches=chunk_batches, on_chunk=on_chunk, version=request.version,
+      eot_draws=request.eot_draws, dropout=request.dropout)
   return gather(result)
 
 

@@ -45,8 +45,12 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
       dataset=request.dataset, split=request.split, num_examples=main.num_examples,
       attack=dict(names=[registry.display(n) for n in names], attacks=main.attacks if names else [],
                   description=request.description,
-                  suite=registry.suite_label(request.attacks, request.budgets),
+                  suite=registry.suite_label(request.attacks, request.budgets,
+                                             request.version, request.eot_draws),
+                  version=request.version, eot_draws=request.eot_draws,
                   budgets=request.budgets),
+      randomised_model=(dict(dropout=request.dropout, keyed="per example and per draw")
+                        if request.dropout else None),
       precision=_precision(request),
       eps=request.eps, norm=request.norm, alphas=request.alphas, columns=request.labels,
       single_domain=loaded.num_domains == 1, notes=list(request.notes), results=rows,
@@ -95,8 +99,16 @@ def _header(report: dict) -> list[str]:
     lines.append(f"Attack: {report['attack']['description']}, {report['norm']} "
                  f"eps={report['eps']:.6g}" + (" (each soup attacked in its own right)"
                                                if report["kind"] == "sweep" else ""))
+    lines.append(f"Version: {report['attack'].get('version', 'standard')}; settings: " + "; ".join(
+        f"{registry.display(a['name'])} " + ", ".join(
+            f"{k}={a[k]}" for k in ("budget", "restarts", "targets", "largereps", "eot_draws",
+                                    "loss") if k in a)
+        for a in report["attack"]["attacks"]))
   else:
     lines.append("Attack: none (clean accuracy only)")
+  if report.get("randomised_model"):
+    lines.append(f"Model: randomised (dropout {report['randomised_model']['dropout']:g} on at "
+                 "evaluation, keyed per example and per draw)")
   prec = report.get("precision")
   if prec and prec["compute_dtype"] != "float32":
     lines.append(f"Precision: the model computed in {prec['compute_dtype']} (as its config "

@@ -151,6 +151,9 @@ class Request:
   selection: Selection | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
   precision: str = "float32"
+  version: str = registry.STANDARD  # 'rand' for --attack=autoattack-rand (EOT)
+  eot_draws: int | None = None  # None: the version's (rand: 20)
+  dropout: float | None = None  # > 0: a randomised model (dropout on at evaluation)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -159,7 +162,8 @@ class Request:
   @property
   def description(self) -> str:
     """What attacks ran, in words (never calls a partial suite AutoAttack)."""
-    return registry.describe(self.attacks, self.budgets)
+    return registry.describe(self.attacks, self.budgets, self.version, self.norm,
+                             self.eot_draws)
 
   def data_batch_size(self, columns: int | None = None) -> int:
     """Examples per data batch when each is expanded to `columns` rows: ceil(batch_size / A),
@@ -235,7 +239,14 @@ class Request:
       attack = "+".join(f"{a}{self.budgets[a]}" for a in self.attacks)
       if registry.is_reference(self.attacks, self.budgets):
         attack = f"autoattack{self.budgets['apgd-ce']}-sq{self.budgets['square']}"
-      threat = f"_{self.norm}-eps{_eps_text(self.eps)}"
+      if registry.is_rand_reference(self.attacks, self.budgets, self.version, self.eot_draws):
+        attack = f"autoattack-rand{self.budgets['apgd-ce']}"
+      elif self.version != registry.STANDARD:
+        attack = f"{self.version}-{attack}"
+      if self.eot_draws is not None:
+        attack += f"-eot{self.eot_draws}"
+      threat = (f"_{self.norm}-eps"
+                f"{_eps_text(self.eps) if self.norm != 'l1' else f'{self.eps:g}'}")
     else:
       attack, threat = "clean", ""
     if self.alphas is not None and len(self.alphas) > 1:
@@ -249,6 +260,7 @@ class Request:
     sel = (f"_select-{self.selection.dataset}-{self.selection.split}{self.selection.n}"
            if self.selection else "")
     prec = "" if self.precision == "float32" else f"_precision-{self.precision}"
+    prec += f"_dropout{self.dropout:g}" if self.dropout else ""
     text = (f"{kind}_{self.dataset}-{self.split}_n{n}_{attack}{threat}_{cols}{shifts}{sel}"
             f"{prec}_step{self.loaded.step}")
     return re.sub(r"[^A-Za-z0-9_.+\-]", "-", text)
@@ -268,7 +280,8 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  shifts: Any = (), step: int | None = None, data_dir: str | None = None,
                  alphas: Sequence[float] | None = None, domain: int | None = None,
                  select_alpha_on: str | None = None, loaded: Any = None,
-                 precision: str = "float32") -> Request:
+                 precision: str = "float32", eot_draws: int | None = None,
+                 dropout: float | None = None) -> Request:
   """Checks a request and restores the model (unless `loaded` is given), compiling nothing.
 
   Exactly one of `alphas` (soups; [0] for a single-domain model) or `domain` names the columns.
@@ -278,23 +291,40 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
   config.eval, data_dir from config.data. Raises ValueError or FileNotFoundError with one line
   naming the bad value and what is allowed. `precision`: 'float32' (default) evaluates a model
   whose config computes in bfloat16 with float32 compute; 'model' keeps the config's dtype.
+  `attack='autoattack-rand'` is AutoAttack's version for randomised defences (APGD-CE and
+  APGD-DLR with EOT over `eot_draws` draws per gradient, default 20); `dropout` (a rate in
+  (0, 1)) evaluates a randomised model: dropout on at evaluation (training-time dropout is
+  otherwise off). norm 'l1' (every attack but PGD) needs its own eps.
   """
   from adv_soups import loading  # loading builds on the attacks table; import late
   names = registry.parse_suite(attack)
+  version = registry.version_of(attack)
+  eot_draws = registry.check_eot(names, eot_draws)
+  if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+    raise ValueError(f"--eval_dropout={dropout} must be in [0, 1) (0: a deterministic model)")
   if precision not in loading.PRECISIONS:
     raise ValueError(f"--precision={precision!r}: allowed {', '.join(loading.PRECISIONS)}")
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
   if loaded is None:
     loading.checkpoint_step(workdir, step)
   norm = norm or config.attack.norm
-  if norm not in ("linf", "l2"):
-    raise ValueError(f"unknown norm {norm!r}: allowed linf, l2")
+  if norm not in ("linf", "l2", "l1"):
+    raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
+  registry.check_norm(names, norm)
+  if eps is None and norm == "l1" and names:  # training is never l_1: its eps is another ball's
+    raise ValueError("--norm=l1 needs its own --eps (an l_1 radius in pixel units, e.g. 1 = one "
+                     "pixel moved all the way); the run's config.attack.eps is a "
+                     f"{config.attack.norm} radius")
   eps = numbers.parse_eps(config.attack.eps if eps is None else eps, norm)
   for flag, value in (("steps", steps), ("square_queries", square_queries),
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):
       raise ValueError(f"--{flag}={value} must be an integer >= 1")
   budgets = registry.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
+  for n in names:  # the l_1 eps schedule needs >= 3 iterations
+    from adv_soups.attacks import apgd
+    apgd.check_largereps(norm, budgets[n], registry.get(n).settings_for(norm, version).get(
+        "largereps", False))
   dataset = dataset or config.data.name
   spec = check_dataset(dataset, config)
   for n in names:
@@ -327,7 +357,8 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  num_examples=num_examples,
                  batch_size=int(batch_size or config.eval.batch_size), shifts=groups,
                  data_dir=data_dir, seed=int(config.get("seed", 0)), selection=selection,
-                 notes=notes, precision=precision)
+                 notes=notes, precision=precision, version=version, eot_draws=eot_draws,
+                 dropout=float(dropout) if dropout else None)
 
 
 def _columns(config, num_domains: int, alphas, domain):

@@ -70,7 +70,8 @@ def check_memory(request: Request, available: int | None = None) -> None:
                   loaded.model, loaded.params, loaded.image_shape, request.columns,
                   attacks=request.attacks, budgets=request.budgets, eps=request.eps,
                   norm=request.norm, class_subset=spec.class_subset, seed=request.seed,
-                  batch_size=rows)]
+                  batch_size=rows, version=request.version, eot_draws=request.eot_draws,
+                  dropout=request.dropout)]
   for line in memory.check(programs, available):
     logging.warning("%s", line)
     print(f"warning: {line}", file=sys.stderr)
@@ -233,10 +234,20 @@ def _first_batch_checks(request: Request, spec, logits_fn, column) -> list[str |
   jitted = _jitted(logits_fn)
   # compiled once per model and shape, across requests
   f = lambda x: jitted(params, x, engine.per_example_domain(column, len(x)))
+  if request.dropout:  # a randomised model: every call of the check draws anew (keyed by call)
+    subset = None if spec.class_subset is None else tuple(spec.class_subset)
+    rand_fn = _jitted(engine.random_logits_fn(request.loaded.model, request.dropout, subset))
+    calls = iter(range(1 << 30))
+    f = lambda x: rand_fn(params, x, engine.per_example_domain(column, len(x)), jax.vmap(
+        jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(next(calls)),
+                                               np.arange(len(x))))
   images, labels = batch["image"], batch["label"]
   logits = np.asarray(f(images))
+  randomized = checks.check_randomized(f, images, labels)
+  if request.version == "rand":  # the warning's advice is what runs
+    randomized = None
   return [checks.check_n_classes(logits.shape[-1], request.attacks),
-          checks.check_randomized(f, images, labels),
+          randomized,
           checks.check_probabilities(logits),
           checks.check_dynamic(raw, images)]
 

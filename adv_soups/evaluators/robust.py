@@ -3,7 +3,7 @@ models (domains or soups) under an attack suite, through the evaluation engine.
 
   config.evals.val = dict(type="robust", every=500, attack="pgd", steps=None,
                           domains="clean,adversarial", dataset=None, split=None,
-                          num_examples=None, batch_size=None, eps=None)
+                          num_examples=None, batch_size=None, eps=None, norm=None)
 
 attack: a suite of `attacks.suites` ('pgd', 'apgd-ce', 'autoattack', 'apgd-ce,apgd-t', or
   'none' for clean accuracy only); steps: its budget (None: the table's default, PGD's from
@@ -12,6 +12,8 @@ domains: the models to evaluate, a comma list of 'clean' (domain 0), 'adversaria
   numbers (the soup at that alpha); a single-domain run evaluates its one model ('model').
 dataset / split / num_examples / batch_size / eps: None = config.data.name, config.eval's,
   config.attack.eps. A num_examples larger than the split is clamped, with one note line.
+norm: None = config.attack.norm; 'l1' (evaluation only: training attacks are l_inf / l_2) needs
+  its own eps.
 Metrics: '<model>/clean_accuracy' and '<model>/robust_accuracy' (the caller prefixes the entry's
 name). The engine and the data sets load TensorFlow: they are imported when an evaluation or a
 dataset check runs, so the schema that lists these fields stays light.
@@ -35,7 +37,7 @@ def fields() -> dict[str, Any]:
   """The robust evaluator's fields and defaults (None fields are typed placeholders)."""
   return dict(attack="pgd", domains="clean,adversarial", steps=placeholder(int),
               dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
-              batch_size=placeholder(int), eps=placeholder(float))
+              batch_size=placeholder(int), eps=placeholder(float), norm=placeholder(str))
 
 
 def parse_domains(text: str, num_domains: int) -> tuple[np.ndarray, list[str]]:
@@ -94,9 +96,17 @@ def check(where: str, entry: Any, config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{where}.attack: {n} needs >= {registry.ATTACKS[n].min_classes} "
                        f"classes, {dataset!r} has {spec.num_classes}")
   eps = entry.get("eps", None)
-  if eps is not None and not (0 <= eps <= (1 if config.attack.norm == "linf" else np.inf)):
-    raise ValueError(f"{where}.eps={eps} is outside the allowed range for "
-                     f"{config.attack.norm}")
+  norm = entry.get("norm", None) or config.attack.norm
+  if norm not in ("linf", "l2", "l1"):
+    raise ValueError(f"{where}.norm={norm!r}: allowed linf, l2, l1")
+  try:
+    registry.check_norm(names, norm)
+  except ValueError as e:
+    raise ValueError(f"{where}.attack: {e}") from None
+  if norm == "l1" and eps is None and names:
+    raise ValueError(f"{where}.norm=l1 needs its own {where}.eps (an l_1 radius in pixels)")
+  if eps is not None and not (0 <= eps <= (1 if norm == "linf" else np.inf)):
+    raise ValueError(f"{where}.eps={eps} is outside the allowed range for {norm}")
 
 
 def _request(where: str, entry: Any, config: ml_collections.ConfigDict, model, params: Any,
@@ -111,7 +121,7 @@ def _request(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
   columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
   request = requests_lib.make_request(
       workdir, attack=entry.get("attack", "none"), eps=entry.get("eps", None),
-      steps=entry.get("steps", None), dataset=entry.get("dataset", None),
+      norm=entry.get("norm", None), steps=entry.get("steps", None), dataset=entry.get("dataset", None),
       split=entry.get("split", None), num_examples=entry.get("num_examples", None),
       batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
   request.columns, request.labels = columns, labels
@@ -131,6 +141,7 @@ def evaluate(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
       request.loaded.model, params, request.batches(request.dataset, request.split, request.num_examples),
       request.columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
       norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
+      version=request.version, eot_draws=request.eot_draws,
       index_offset=request.offset(request.dataset, request.split, request.num_examples)))
   for a, label in enumerate(labels):
     yield f"{label}/clean_accuracy", float(result.clean_correct[:, a].mean())
@@ -157,15 +168,17 @@ def programs(where: str, entry: Any, config: ml_collections.ConfigDict, model, p
       for stage, compiled in engine.column_programs(
           request.loaded.model, params, (size, size, int(config.model.channels)), request.columns,
           attacks=request.attacks, budgets=request.budgets, eps=request.eps, norm=request.norm,
-          class_subset=spec.class_subset, seed=request.seed, batch_size=rows)]
+          class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
+          version=request.version, eot_draws=request.eot_draws)]
 
 
 def describe(entry: Any, config: ml_collections.ConfigDict) -> str:
   """'<domains> on <dataset>, <attacks and budgets>'."""
   names = registry.parse_suite(entry.get("attack", "none"))
   budgets = registry.resolve_steps(names, entry.get("steps", None), int(config.eval.attack_steps))
+  norm = entry.get("norm", None) or config.attack.norm
   return (f"{entry.get('domains')} on {entry.get('dataset', None) or config.data.name}, "
-          f"{registry.describe(names, budgets)}")
+          f"{registry.describe(names, budgets, registry.version_of(entry.get('attack')), norm)}")
 
 
 def _note_clamp(where: str, request) -> None:

@@ -120,6 +120,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"unknown config.optimizer.schedule {opt.schedule!r}: allowed "
                      f"{list(SCHEDULES)}")
+  if attack.norm == "l1":  # PGD has no l_1 step here; l_1 is an evaluation threat model
+    raise ValueError("config.attack.norm='l1': training attacks are linf / l2 only (PGD has no "
+                     "l_1 step here); evaluate l_1 with --norm=l1 or config.evals.NAME.norm=l1")
   if attack.norm not in NORMS:
     raise ValueError(f"unknown config.attack.norm {attack.norm!r}: allowed {list(NORMS)}")
   num_classes, shape = dataset_info(config.data.name, config.model.image_size)
