@@ -24,6 +24,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", re.M)
 
 
+@pytest.fixture(autouse=True)
+def absl_back_on_the_screen():
+  """training_cli sends absl's log to the run's train.log: give later tests their stderr back."""
+  yield
+  from adv_soups import screen
+  screen.log_to_screen()
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   from adv_soups.data import digits

@@ -179,6 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = writers_lib.progress_report(train_cfg.steps, writer, train_cfg.log_every)
   bar = screen.TrainProgress(train_cfg.steps, start,
                              enabled=show_progress and jax.process_index() == 0)
+  if 0 < start < train_cfg.steps:
+    bar.write(f"resumed from step {start} of {workdir}")
   pending: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
   t0, images_seen = time.time(), 0
@@ -227,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       t0, images_seen = time.time(), 0  # throughput excludes evaluation and checkpointing
   if start >= train_cfg.steps:  # a finished run: report its evaluation again
     logging.info("%s is already trained to step %d", workdir, start)
+    bar.write(f"{workdir} is already trained to step {start}: evaluating it again")
     eval_metrics = periodic.evaluate(config, model, _eval_params(state), start, None, workdir)
   bar.close()
   watch.close()
