@@ -42,12 +42,18 @@ def min_l1_distance(x, w, need):
 
 
 def linear_model(w, b):
-  """Two classes; logit of class 1 minus class 0 = w . x + b per example (label 0)."""
+  """Two classes; logit of class 1 minus class 0 = w . x + b per example (label 0). Also
+  `.rows(images, b)` with the per-example bias as a row argument, for the attacks that compact
+  their rows inside a stage (FAB-T, Square: per-row inputs never sit in the closure)."""
   w, b = jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)
 
-  def logits_fn(images):
-    z = images.reshape(images.shape[0], -1) @ w + b
+  def rows(images, bias):
+    z = images.reshape(images.shape[0], -1) @ w + bias
     return jnp.stack([jnp.zeros_like(z), z], axis=-1)
+
+  def logits_fn(images):
+    return rows(images, b)
+  logits_fn.rows, logits_fn.bias = rows, b
   return logits_fn
 
 
@@ -136,8 +142,8 @@ def test_apgd_l1_reaches_the_minimal_l1_distance_of_a_linear_model(linear_proble
 
 def test_fab_t_l1_reaches_the_minimal_l1_distance(linear_problem):
   logits_fn, x, y, dist = linear_problem
-  _, found, got = fab.fab_t_single(logits_fn, x, y, jax.random.PRNGKey(0), 0, eps=1.0,
-                                   num_steps=30, norm="l1")
+  _, found, got = fab.fab_t_single(logits_fn.rows, x, y, jax.random.PRNGKey(0), 0, eps=1.0,
+                                   num_steps=30, norm="l1", row_args=(logits_fn.bias,))
   assert np.asarray(found).all()
   ratio = np.asarray(got) / dist
   assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.01), ratio
@@ -153,8 +159,9 @@ def test_square_l1_reaches_the_optimum_of_a_uniform_linear_model():
   w = np.ones(n, np.float32)
   logits_fn = linear_model(w, -(x @ w) - 1.0)
   images, y = x.reshape(m, 8, 8, 1), np.zeros(m, np.int32)
-  run = jax.jit(lambda eps: square.square(logits_fn, images, y, jax.random.PRNGKey(0), eps=eps,
-                                          num_queries=1000, norm="l1"))
+  run = jax.jit(lambda eps: square.square(logits_fn.rows, images, y, jax.random.PRNGKey(0),
+                                          eps=eps, num_queries=1000, norm="l1",
+                                          row_args=(logits_fn.bias,)))
   above = run(jnp.float32(1.5))
   assert _broken(logits_fn, above).all()
   assert np.all(_l1_dist(above, x) <= 1.5 * (1 + 1e-5))
