@@ -39,7 +39,7 @@ def needs(data_dir, eval_batch):
   model = create_model(config.model)
   optimizer = training.make_optimizer(config.optimizer, config.train.steps)
   state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
-  programs = memory.training_programs(config, model, training.make_train_step(
+  programs = training.loop.training_programs(config, model, training.make_train_step(
       config, model, optimizer, mesh), state, mesh)
   return programs[0].needed, max(p.needed for p in programs[1:])
 

@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from adv_soups.attacks import compaction
+from adv_soups.attacks import square_shapes as shapes
 from adv_soups.attacks import losses as losses_lib
 
 from adv_soups.attacks import pgd as pgd_lib
@@ -105,48 +106,6 @@ def phases(num_queries: int, height: int, width: int, norm: str, p_init: float =
   return out
 
 
-def _rectangle_bump(rows: int, cols: int) -> np.ndarray:
-  """[rows, cols]: sum of 1/(k+1)^2 over the concentric rectangles k >= d around the centre
-  (rows // 2, cols // 2), d the Chebyshev distance to it; unit l_2 norm (empty if rows == 0)."""
-  if rows == 0:
-    return np.zeros((0, cols), np.float64)
-  k_max = max(rows // 2 + 1, cols // 2 + 1)
-  tail = np.cumsum((1.0 / (np.arange(k_max) + 1.0) ** 2)[::-1])[::-1]  # tail[d] = sum_{k>=d}
-  d = np.maximum(np.abs(np.arange(rows)[:, None] - rows // 2),
-                 np.abs(np.arange(cols)[None, :] - cols // 2))
-  bump = tail[d]
-  return bump / np.sqrt(np.sum(bump ** 2))
-
-
-@functools.lru_cache(maxsize=None)
-def meta_pseudo_gaussian(s: int) -> np.ndarray:
-  """The l_2 Square Attack's s x s update shape: a positive bump on the top s // 2 rows, a
-  negative one on the other rows, unit l_2 norm. [s, s] float32 (numpy)."""
-  eta = np.concatenate([_rectangle_bump(s // 2, s), -_rectangle_bump(s - s // 2, s)])
-  return (eta / np.sqrt(np.sum(eta ** 2))).astype(np.float32)
-
-
-def _l2_init_tiles(height: int, width: int):
-  """The l_2 start's static tiling: (side s, tile id [H, W] int (-1: no tile), row offset
-  [H, W], column offset [H, W], number of tiles). Tiles of side s = max(H // 5, 1) start at
-  max((n - 5 s) // 2, 0) + k s along each axis (n = H or W) and must fit inside the image."""
-  s = max(height // 5, 1)
-
-  def starts(n):
-    first = max((n - 5 * s) // 2, 0)
-    return [first + k * s for k in range(n // s) if first + (k + 1) * s <= n]
-  rows, cols = starts(height), starts(width)
-  tile = -np.ones((height, width), np.int32)
-  off_r = np.zeros((height, width), np.int32)
-  off_c = np.zeros((height, width), np.int32)
-  for a, r0 in enumerate(rows):
-    for b, c0 in enumerate(cols):
-      tile[r0:r0 + s, c0:c0 + s] = a * len(cols) + b
-      off_r[r0:r0 + s, c0:c0 + s] = np.arange(s)[:, None]
-      off_c[r0:r0 + s, c0:c0 + s] = np.arange(s)[None, :]
-  return s, tile, off_r, off_c, len(rows) * len(cols)
-
-
 # ---------------------------------------------------------------------------------------------
 # Starts and updates (one example: x [H, W, C])
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +121,8 @@ def _linf_start(key, x, eps):
 
 def _l2_start(key, x, eps):
   h, w, c = x.shape
-  s, tile, off_r, off_c, n_tiles = _l2_init_tiles(h, w)
-  eta = meta_pseudo_gaussian(s)
+  s, tile, off_r, off_c, n_tiles = shapes.l2_init_tiles(h, w)
+  eta = shapes.meta_pseudo_gaussian(s)
   k_t, k_s = jax.random.split(key)
   transpose = jax.random.bernoulli(k_t, 0.5, (n_tiles,))
   signs = jax.random.rademacher(k_s, (n_tiles, c), jnp.float32)
@@ -183,15 +142,10 @@ def _draws(key, channels: int) -> dict:
               flip=jax.random.bernoulli(k_t))
 
 
-def _position(u, n, s):
-  """A uniform integer in [0, n - s] from a uniform u in [0, 1)."""
-  return jnp.minimum(jnp.floor(u * (n - s + 1)).astype(jnp.int32), n - s)
-
-
 def _linf_update(draws, x, x_cur, eps, s):
   """x_cur with one s x s square (all channels) set to clip(x +- eps) (sign per channel)."""
   h, w, c = x.shape
-  r, col = _position(draws["u"][0], h, s), _position(draws["u"][1], w, s)
+  r, col = shapes.position(draws["u"][0], h, s), shapes.position(draws["u"][1], w, s)
   window = lax.dynamic_slice(x, (r, col, 0), (s, s, c))
   new = jnp.clip(window + eps * draws["signs"], 0.0, 1.0)
   return lax.dynamic_update_slice(x_cur, new, (r, col, 0))
@@ -201,8 +155,8 @@ def _l2_update(draws, x, x_cur, eps, s):
   """x_cur with mass moved from a random window 2 into window 1 (see the module docstring)."""
   h, w, c = x.shape
   u = draws["u"]
-  r1, c1 = _position(u[0], h, s), _position(u[1], w, s)
-  r2, c2 = _position(u[2], h, s), _position(u[3], w, s)
+  r1, c1 = shapes.position(u[0], h, s), shapes.position(u[1], w, s)
+  r2, c2 = shapes.position(u[2], h, s), shapes.position(u[3], w, s)
   rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
   in_1 = (rows >= r1) & (rows < r1 + s) & (cols >= c1) & (cols < c1 + s)
   in_2 = (rows >= r2) & (rows < r2 + s) & (cols >= c2) & (cols < c2 + s)
@@ -211,7 +165,7 @@ def _l2_update(draws, x, x_cur, eps, s):
   old_norm = jnp.sqrt(jnp.sum(old * old, axis=(0, 1)))  # [C]
   norm_all = jnp.sqrt(jnp.sum(delta * delta))
   norm_windows = jnp.sqrt(jnp.sum(jnp.where((in_1 | in_2)[..., None], delta, 0.0) ** 2))
-  eta = meta_pseudo_gaussian(s)
+  eta = shapes.meta_pseudo_gaussian(s)
   eta = jnp.where(draws["flip"], eta.T, eta)
   new = eta[..., None] * draws["signs"] + old / (old_norm + _TINY)
   new_norm = jnp.sqrt(jnp.sum(new * new, axis=(0, 1)))  # [C]
@@ -342,3 +296,6 @@ def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM
                     p_init=p_init, rescale_schedule=rescale_schedule,
                     example_index=example_index, row_args=row_args, compact=compact,
                     compact_every=compact_every)[0]
+
+
+meta_pseudo_gaussian = shapes.meta_pseudo_gaussian  # its earlier home (tests, notebooks)

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from adv_soups.attacks import l1 as l1_lib
-from adv_soups.attacks import square as square_lib
+from adv_soups.attacks import square_shapes as shapes
 
 _TINY = 1e-12
 
@@ -34,8 +34,8 @@ def _project(delta, x, eps):
 def l1_start(key, x, eps):
   """One example's start: x [H, W, C] -> x0 [H, W, C] with |x0 - x|_1 <= eps, in [0, 1]."""
   h, w, c = x.shape
-  s, tile, off_r, off_c, n_tiles = square_lib._l2_init_tiles(h, w)  # pylint: disable=protected-access
-  eta = square_lib.meta_pseudo_gaussian(s)
+  s, tile, off_r, off_c, n_tiles = shapes.l2_init_tiles(h, w)  # pylint: disable=protected-access
+  eta = shapes.meta_pseudo_gaussian(s)
   k_t, k_s = jax.random.split(key)
   transpose = jax.random.bernoulli(k_t, 0.5, (n_tiles,))
   signs = jax.random.rademacher(k_s, (n_tiles, c), jnp.float32)
@@ -51,7 +51,7 @@ def l1_update(draws, x, x_cur, eps, s):
   """One example's candidate (see the module docstring): x, x_cur [H, W, C] -> [H, W, C]."""
   h, w, c = x.shape
   u = draws["u"]
-  position = square_lib._position  # pylint: disable=protected-access
+  position = shapes.position
   r1, c1 = position(u[0], h, s), position(u[1], w, s)
   r2, c2 = position(u[2], h, s), position(u[3], w, s)
   rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
@@ -62,7 +62,7 @@ def l1_update(draws, x, x_cur, eps, s):
   old_norm = jnp.sum(jnp.abs(old), axis=(0, 1))  # [C]
   norm_all = jnp.sum(jnp.abs(delta))
   norm_windows = jnp.sum(jnp.abs(jnp.where((in_1 | in_2)[..., None], delta, 0.0)))
-  eta = square_lib.meta_pseudo_gaussian(s)
+  eta = shapes.meta_pseudo_gaussian(s)
   eta = jnp.where(draws["flip"], eta.T, eta)
   new = eta[..., None] * draws["signs"] + old / (old_norm + _TINY)
   new_norm = jnp.sum(jnp.abs(new), axis=(0, 1))  # [C]

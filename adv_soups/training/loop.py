@@ -135,6 +135,44 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
+def training_programs(config: Any, model: Any, train_step: Any, state: Any, mesh: Any,
+                      workdir: str = "") -> list:
+  """The train step (jitted `(state, batch) -> (state, metrics)`) compiled for `state` and a
+  batch {'image' float32 [B, H, W, C], 'label' int32 [B]} sharded over `mesh`, then every
+  periodic evaluation of `config.evals` compiled for the evaluated parameters (the rest of the
+  train state stays resident meanwhile): the train step first."""
+  import jax.numpy as jnp
+  from adv_soups import parallel
+  from adv_soups.data import mixup as mixup_lib
+  size, channels = config.model.image_size, int(config.model.channels)
+  batch_size = config.train.batch_size
+  sharding = parallel.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32,
+                                         sharding=sharding),
+           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  compiled = train_step.lower(state, batch).compile()
+  state_bytes = memory_lib.tree_bytes(state)
+  mix = config.data.get("mixup")
+  programs = [memory_lib.Program(
+      name=f"the train step ({config.train.mode}, {size} px)", compiled=compiled,
+      field="config.train.batch_size", value=batch_size, fixed=state_bytes,
+      multiple=jax.device_count() * (2 if mixup_lib.enabled(mix) else 1))]
+  params = state.ema_params if state.ema_params is not None else state.params
+  return programs + periodic.programs(config, model, params, workdir=workdir,
+                                      resident=state_bytes - memory_lib.tree_bytes(params))
+
+
+def check_training(config: Any, model: Any, train_step: Any, state: Any, mesh: Any,
+                   workdir: str = "", available: int | None = None) -> Any:
+  """`memory.check`s the `training_programs` (DoesNotFit: one line; warnings are logged) and returns
+  the compiled train step: the loop runs it instead of `train_step` (no second compilation),
+  and the periodic evaluations find theirs in the runner's cache."""
+  programs = training_programs(config, model, train_step, state, mesh, workdir)
+  for line in memory_lib.check(programs, available):
+    logging.warning("%s", line)
+  return programs[0].compiled
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None, *,
                        show_progress: bool = False,
@@ -152,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.device_put(init_state(config, model, optimizer), parallel.replicated(mesh))
   # Compiled ahead of time and checked against the device's memory before anything is written
   # (memory.DoesNotFit, one line); the loop runs this compiled object.
-  train_step = memory_lib.check_training(config, model, make_train_step(config, model, optimizer,
+  train_step = check_training(config, model, make_train_step(config, model, optimizer,
                                                                          mesh), state, mesh, workdir)
   if on_checked is not None:
     on_checked()
