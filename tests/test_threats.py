@@ -17,7 +17,8 @@ from adv_soups.models import create_model, init_params
 
 def _three_domain_model(adapter):
   config = ml_collections.ConfigDict(dict(variant="tiny/4", num_classes=5, adapter=adapter,
-                                          num_domains=3, image_size=8))
+                                          num_domains=3, image_size=8, depth=1, width=32,
+                                          num_heads=2, mlp_dim=64))
   model = create_model(config)
   params = init_params(model, jax.random.key(0))
   leaves, treedef = jax.tree.flatten(params)
