@@ -18,6 +18,7 @@ from typing import Any
 
 from adv_soups import cli, parallel
 from adv_soups.evaluation import reports, requests, run, threat_sweep
+from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ATTACK = "autoattack"
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
       ("string", "weights", None, "One soup over all domains, e.g. 0.2,0.3,0.5 (summing to 1), "
        "evaluated against each threat of the run and their union."),
       ("bool", "extrapolate", False, "Allow --weights outside [0, 1] (an affine soup)."),
+      PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
   try:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
   if not v.workdir:
     cli.fail("--workdir=DIR is required")
   kwargs = cli.request_kwargs(v)
+  kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
   if v.weights is not None:
     try:

@@ -22,14 +22,10 @@ import numpy as np
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import soups
 from adv_soups import workdir as workdir_lib
-from adv_soups.attacks import apgd as apgd_lib
-from adv_soups.attacks import fab as fab_lib
-from adv_soups.attacks import pgd as pgd_lib
-from adv_soups.attacks import square as square_lib
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 from adv_soups.models import create_model, init_params
 
-LOAD_ATTACKS = tuple(suites.ATTACKS)  # one attack at a time; suites run through `evaluate`
+PRECISIONS = ("float32", "model")  # evaluation's compute dtype: float32 always, or the config's
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> tuple[int, str]:
@@ -96,7 +92,14 @@ class LoadedModel:
 
   def domain(self, alpha: Any, batch_size: int) -> np.ndarray:
     """The per-example `domain` argument for `alpha` (a float or [B] floats): mixing weights
-    [B, 2] = [1 - alpha, alpha] for a two-domain model, int zeros [B] for a single-domain one."""
+    [B, 2] = [1 - alpha, alpha] for a two-domain model, int zeros [B] for a single-domain one.
+    `alpha` may also be one soup's weights over every domain (a list of num_domains floats
+    summing to 1, e.g. [0.2, 0.3, 0.5] for clean + two threats)."""
+    if np.ndim(alpha) == 1 and len(alpha) == self.num_domains and self.num_domains > 2:
+      from adv_soups import soup_weights  # local: keeps `import adv_soups` light
+      weights = soup_weights.parse_weights(",".join(repr(float(w)) for w in alpha),
+                                           self.num_domains, extrapolate=True)
+      return np.broadcast_to(weights.astype(np.float32), (batch_size, self.num_domains)).copy()
     self._check_alpha(alpha)
     if self.num_domains == 1:
       return np.zeros((batch_size,), np.int32)
@@ -131,51 +134,71 @@ class LoadedModel:
     return model, soups.interpolate(self.params, [1.0 - alpha, alpha])
 
   def attack(self, images: Any, labels: Any, eps: float | str | None = None, alpha: Any = 0.0,
-             steps: int | None = None, attack: str = "pgd", seed: int = 0) -> jax.Array:
+             steps: int | None = None, attack: str = "pgd", seed: int = 0,
+             threat: str | None = None) -> jax.Array:
     """Adversarial images [B, H, W, C] against the soup at `alpha` (the soup itself is attacked).
 
     Args:
       images: float32 [B, H, W, C] in [0, 1]; labels: int [B].
-      eps: radius in pixel units (a float or '4/255'); default the run's config.attack.eps
-        (norm config.attack.norm).
-      steps: the attack's budget; default the table's (`attacks.suites`): config.eval.attack_steps
+      eps: radius in pixel units (a float or '4/255'); default the threat's eps.
+      threat: the name of one of the run's threats (config.threats; a run without them has one,
+        named by config.attack's norm): its norm, and its eps unless `eps` is given. Default the
+        first.
+      steps: the attack's budget (>= 1); default the registry entry's: config.eval.attack_steps
         for PGD, 100 iterations for APGD and FAB, 5,000 queries for Square.
-      attack: one attack of `attacks.suites.ATTACKS`: 'pgd' (PGD-k, CE, step 2.5 eps / k,
-        random start), 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t' (its points may lie outside
-        eps: FAB is a minimal-distortion attack) or 'square'. For robust accuracy under a
-        whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
+      attack: one attack of the registry (`attacks.registry.ATTACKS`): 'pgd' (PGD-k, CE, step
+        2.5 eps / k, random start), 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t' (its points may lie
+        outside eps: FAB is a minimal-distortion attack), 'square', or any registered one. For
+        robust accuracy under a whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
+    The attack runs with full-precision (float32, 'highest') matmuls.
     """
     from adv_soups import cli  # local: keeps `import adv_soups` light
-    if attack not in LOAD_ATTACKS:
-      raise ValueError(f"unknown attack {attack!r}: allowed {', '.join(LOAD_ATTACKS)}")
-    norm = self.config.attack.norm
-    eps = self.config.attack.eps if eps is None else cli.parse_eps(eps, norm)
-    if steps is None:
-      steps = suites.resolve_steps((attack,), None, int(self.config.eval.attack_steps))[attack]
+    entry = registry.get(attack)
+    from adv_soups import threats as threats_lib
+    run_threats = threats_lib.normalise(self.config)
+    if threat is not None and threat not in run_threats:
+      raise ValueError(f"unknown threat {threat!r}: the run's threats are "
+                       f"{', '.join(run_threats)}")
+    chosen = run_threats[threat] if threat is not None else next(iter(run_threats.values()))
+    norm = chosen["norm"]
+    eps = chosen["eps"] if eps is None else cli.parse_eps(eps, norm)
+    budget = registry.resolve_budgets(
+        (attack,), None if steps is None else {attack: steps},
+        pgd_steps=int(self.config.eval.attack_steps))[attack]
     images = self._images(images)
     labels = np.asarray(labels, np.int32)
-    key = (attack, int(steps), norm)
+    key = (id(entry), budget, norm)
     if key not in self._attacks:
-      self._attacks[key] = jax.jit(self._attack_fn(attack, int(steps), norm))
+      self._attacks[key] = jax.jit(self._attack_fn(entry, budget, norm))
     return self._attacks[key](self.params, images, labels, self.domain(alpha, len(images)),
                               np.float32(eps), jax.random.PRNGKey(seed))
 
-  def _attack_fn(self, attack: str, steps: int, norm: str):
+  def _attack_fn(self, entry: registry.Attack, budget: int, norm: str):
+    settings = entry.settings_for(norm)
+
     def fn(params, images, labels, domain, eps, rng):
-      logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
-      common = dict(eps=eps, norm=norm)
-      if attack == "pgd":
-        return pgd_lib.pgd(logits_fn, images, labels, rng, num_steps=steps, **common)
-      if attack in ("apgd-ce", "apgd-dlr"):
-        return apgd_lib.apgd(logits_fn, images, labels, rng, num_steps=steps, loss=attack[5:],
-                             **common)
-      if attack == "apgd-t":
-        return apgd_lib.apgd_t(logits_fn, images, labels, rng, num_steps=steps, **common)
-      if attack == "fab-t":
-        return fab_lib.fab_t(logits_fn, images, labels, rng, num_steps=steps, **common)
-      return square_lib.square(logits_fn, images, labels, rng, num_queries=steps, **common)
+      with jax.default_matmul_precision("highest"):  # inside the body: jit retraces per context
+        logits_fn = lambda x: self.model.apply({"params": params}, x, domain, train=False)
+        return entry.run_full(logits_fn, images, labels, rng, eps=eps, norm=norm,
+                              budget=budget, settings=settings)
     return fn
+
+  def with_precision(self, precision: str = "float32") -> "LoadedModel":
+    """This model for evaluation: 'float32' rebuilds a model whose config computes in bfloat16
+    with float32 compute (the parameters are float32 already; same parameters, no copy);
+    'model' keeps the config's compute dtype. ValueError for another value."""
+    if precision not in PRECISIONS:
+      raise ValueError(f"unknown precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if precision == "model" or compute_dtype(self.config) == "float32":
+      return self
+    model = create_model(dict(self.config.model.to_dict(), dtype="float32"))
+    return dataclasses.replace(self, model=model)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> str:
+  """The compute dtype the run's config asks for ('float32' or 'bfloat16')."""
+  return str(config.model.get("dtype", "float32") or "float32")
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:

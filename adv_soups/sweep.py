@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from adv_soups import cli, parallel, threats
 from adv_soups import workdir as workdir_lib
 from adv_soups.evaluation import reports, requests, run, threat_sweep
+from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ALPHAS = "0:1:11"
 DEFAULT_ATTACK = "pgd"
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
        "vectors such as 0.2,0.3,0.5;0,0,1 (each summing to 1)."),
       ("string", "select_on", None, "With --weights: choose the soup by union, clean, a threat's "
        "name (on half the examples, reported on the other half) or NAME:SPLIT[:N] (a shift)."),
+      PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
   try:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
   if not v.workdir:
     cli.fail("--workdir=DIR is required")
   kwargs = cli.request_kwargs(v)
+  kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
   try:
     by_weights = _by_weights(v)

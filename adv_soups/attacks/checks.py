@@ -9,8 +9,10 @@ say, else a one-line warning; none changes a number (the caller prints and recor
                         logits > 1e-4, or a different number of correct predictions.
   check_probabilities   the outputs look like probabilities (all in (-1e-5, 1 + 1e-5), every row
                         summing to 1 within 1e-5) rather than logits.
-  check_zero_gradients  the DLR loss has an all-zero input gradient on some point at APGD's start
-                        (AutoAttack warns when any point has one).
+  check_zero_gradients  the DLR loss has an all-zero input gradient on some point at APGD's start,
+                        or APGD-T's targeted DLR at its start for some target (AutoAttack warns
+                        when any point of any batch has one); `zero_gradient_masks` is the
+                        compiled check the evaluation runs on every batch.
   check_square_sr       Square lowered the accuracy left by the white-box attacks by more than
                         0.002 (a black-box attack beating white-box ones hints at masking).
   check_n_classes       too few classes for the losses / number of targets requested.
@@ -19,7 +21,8 @@ say, else a one-line warning; none changes a number (the caller prints and recor
   check_eps_grid        (ours, opt-in) robust accuracy that rises with eps beyond a tolerance.
 
 `check_dynamic` replaces AutoAttack's trace of PyTorch's autograd entry points by a trace of JAX's
-(grad, value_and_grad, vjp, jvp, linearize) while `logits_fn` is traced (no computation runs).
+autodiff interpreter (any call into jax/_src/interpreters/ad.py: JVP, linearize, transpose) while
+`logits_fn` is traced (no computation runs), so jacfwd and linear_transpose are caught too.
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adv_soups.attacks import apgd as apgd_lib
 from adv_soups.attacks import losses as losses_lib
-
 from adv_soups.attacks import pgd as pgd_lib
+from adv_soups.attacks import registry
 
 RANDOMIZED_REPEATS = 5
 RANDOMIZED_TOLERANCE = 1e-4
@@ -40,8 +44,10 @@ PROBABILITY_TOLERANCE = 1e-5
 SQUARE_TOLERANCE = 0.002
 EPS_GRID_TOLERANCE = 0.01
 DOC = "see AutoAttack's flags_doc.md"
-# JAX's differentiation entry points (jax/_src/api.py), for check_dynamic.
-_AUTODIFF_ENTRY_POINTS = frozenset({"grad", "value_and_grad", "vjp", "jvp", "linearize"})
+# Public names of JAX's differentiation entry points (jax/_src/api.py): only to *name* what
+# check_dynamic saw; it detects differentiation by JAX's autodiff interpreter itself.
+_AUTODIFF_NAMES = frozenset({"grad", "value_and_grad", "vjp", "jvp", "linearize", "jacfwd",
+                             "jacrev", "hessian", "linear_transpose"})
 
 
 def check_randomized(logits_fn, images, labels=None, *, n: int = RANDOMIZED_REPEATS,
@@ -79,39 +85,73 @@ def check_probabilities(logits, *, tolerance: float = PROBABILITY_TOLERANCE) -> 
   return None
 
 
+def zero_gradient_masks(logits_fn, *, norm: str = "linf", num_targets: int = 0):
+  """A jitted `fn(images [B, H, W, C], labels [B], rng, eps, example_index [B], target_rng)
+  -> [1 + T, B] bool`: row 0, the DLR loss (the margin loss if K < 3) has an all-zero input
+  gradient at APGD's start (uniform in the eps ball, keyed as APGD's first restart by `rng`);
+  row 1 + t, APGD-T's targeted DLR towards the t-th runner-up class has one at APGD-T's start
+  for that target (keyed as the runner keys it, by `target_rng`), as AutoAttack checks at the
+  start of every APGD run with a DLR loss. T = min(num_targets, K - 1) when K >= 4, else 0.
+  Build it once and call it on every batch (one compilation per batch shape)."""
+  pgd_lib.check_settings(eps=0.0, norm=norm, num_steps=1)
+
+  def masks(x, labels, rng, eps, index, target_rng):
+    x = jnp.asarray(x, jnp.float32)
+    num_classes = pgd_lib.num_classes_of(logits_fn, x)
+    loss = losses_lib.dlr_loss if num_classes >= 3 else losses_lib.margin_loss
+    targets = min(int(num_targets), num_classes - 1) if num_classes >= 4 else 0
+
+    def zero(start, fn, targets_):
+      _, _, g = pgd_lib.loss_and_input_grad(logits_fn, fn, start, labels, targets_)
+      return jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim))) == 0
+    with jax.default_matmul_precision("highest"):
+      start = pgd_lib.random_start(pgd_lib.example_keys(rng, index, 0), x, eps, norm)
+      out = [zero(start, lambda z, y, _: loss(z, y), None)]
+      if targets:
+        clean = logits_fn(x)
+        for rank in range(targets):
+          key = jax.random.fold_in(target_rng, rank)
+          start_t = pgd_lib.random_start(pgd_lib.example_keys(key, index, 0), x, eps, norm)
+          out.append(zero(start_t, losses_lib.targeted_dlr_loss,
+                          apgd_lib.runner_up_targets(clean, labels, rank)))
+      return jnp.stack(out)
+  return jax.jit(masks)
+
+
 def zero_gradient_mask(logits_fn, images, labels, rng=None, *, eps: float = 0.0,
-                       norm: str = "linf", example_index=None) -> np.ndarray:
-  """[B] bool: the DLR loss (the margin loss if K < 3) has an all-zero input gradient at APGD's
-  start (uniform in the eps ball, keyed as APGD's first restart; the clean images if `rng` is
-  None or eps is 0). Give it correctly classified points, as APGD attacks only those: where the
-  label is the third-highest class the DLR loss is the constant 1 (a zero gradient by design)."""
+                       norm: str = "linf", example_index=None, num_targets: int = 0
+                       ) -> np.ndarray:
+  """[B] bool: some DLR loss (untargeted, and APGD-T's targeted DLR towards each of its first
+  `num_targets` runner-up classes) has an all-zero input gradient at APGD's start (the clean
+  images if `rng` is None or eps is 0; see `zero_gradient_masks`). Give it correctly classified
+  points, as APGD attacks only those: where the label is the third-highest class the DLR loss is
+  the constant 1 (a zero gradient by design)."""
   pgd_lib.check_settings(eps=eps, norm=norm, num_steps=1)
   x = jnp.asarray(images, jnp.float32)
-  labels = jnp.asarray(labels)
-  num_classes = pgd_lib.num_classes_of(logits_fn, x)
-  loss = losses_lib.dlr_loss if num_classes >= 3 else losses_lib.margin_loss
+  index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
+  if rng is None:
+    rng, eps = jax.random.PRNGKey(0), 0.0
+  fn = zero_gradient_masks(logits_fn, norm=norm, num_targets=num_targets)
+  return np.asarray(fn(x, jnp.asarray(labels), rng, np.float32(eps), index, rng)).any(0)
 
-  @jax.jit
-  def grad_l1(x, labels):
-    if rng is not None and float(eps) > 0:
-      index = pgd_lib._default_index(x, example_index)  # pylint: disable=protected-access
-      x = pgd_lib.random_start(pgd_lib.example_keys(rng, index, 0), x, eps, norm)
-    _, _, g = pgd_lib.loss_and_input_grad(logits_fn, lambda z, y, _: loss(z, y), x, labels,
-                                          None)
-    return jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim)))
-  return np.asarray(grad_l1(x, labels)) == 0
+
+def zero_gradient_message(count: int, total: int) -> str:
+  """The warning for `count` of `total` points with an all-zero DLR gradient."""
+  return (f"{count} of {total} points have an all-zero input gradient of the DLR loss at "
+          "APGD's start: gradient-based attacks may overrate the model (e.g. quantised "
+          f"inputs); trust Square / use BPDA, {DOC}")
 
 
 def check_zero_gradients(logits_fn, images, labels, rng=None, *, eps: float = 0.0,
-                         norm: str = "linf", example_index=None) -> str | None:
-  """Warns when any point's DLR-loss input gradient is all zero at APGD's start (see
-  `zero_gradient_mask`; images [B, H, W, C], labels [B])."""
+                         norm: str = "linf", example_index=None,
+                         num_targets: int = 0) -> str | None:
+  """Warns when any point's DLR-loss input gradient (untargeted, or APGD-T's targeted DLR for
+  its first `num_targets` targets) is all zero at APGD's start (see `zero_gradient_mask`; images
+  [B, H, W, C], labels [B])."""
   zero = zero_gradient_mask(logits_fn, images, labels, rng, eps=eps, norm=norm,
-                            example_index=example_index)
+                            example_index=example_index, num_targets=num_targets)
   if zero.any():
-    return (f"{int(zero.sum())} of {zero.size} points have an all-zero input gradient of the "
-            "DLR loss at APGD's start: gradient-based attacks may overrate the model (e.g. "
-            f"quantised inputs); trust Square / use BPDA, {DOC}")
+    return zero_gradient_message(int(zero.sum()), zero.size)
   return None
 
 
@@ -137,45 +177,47 @@ def check_square_sr(acc_before_square: float, acc_after_square: float, *,
   return None
 
 
-def check_n_classes(num_classes: int, attacks: Sequence[str], num_targets: int,
-                    fab_targets: int | None = None) -> str | None:
-  """Warns when `num_classes` is too few for the attacks (names, e.g. 'apgd-t', aliases expanded).
+def check_n_classes(num_classes: int, attacks: Sequence[str], num_targets: int | None = None,
+                    targets: dict[str, int] | None = None) -> str | None:
+  """Warns when `num_classes` is too few for the attacks (registry names, e.g. 'apgd-t').
 
-  DLR (apgd-dlr, apgd-t) needs >= 3 classes, targeted DLR (apgd-t) >= 4; APGD-T and FAB-T need
-  num_targets + 1 classes for `num_targets` targets (`fab_targets`, default num_targets, for
-  FAB-T); with fewer they attack only K - 1 targets.
+  Each attack needs its registry entry's `min_classes` (DLR: 3, targeted DLR: 4); a targeted
+  attack asking for t targets needs t + 1 classes (it then attacks only K - 1). Its targets:
+  `targets[name]`, else `num_targets`, else the entry's own (AutoAttack's 9).
   """
-  attacks = tuple(attacks)
-  fab_targets = num_targets if fab_targets is None else fab_targets
   problems = []
-  if ("apgd-dlr" in attacks or "apgd-t" in attacks) and num_classes < 3:
-    problems.append(f"the DLR loss needs >= 3 classes, the model has {num_classes}")
-  elif "apgd-t" in attacks and num_classes < 4:
-    problems.append(f"the targeted DLR loss (APGD-T) needs >= 4 classes, the model has "
-                    f"{num_classes}")
-  elif "apgd-t" in attacks and num_targets + 1 > num_classes:
-    problems.append(f"APGD-T asks for {num_targets} target classes but only {num_classes - 1} "
-                    "exist")
-  if "fab-t" in attacks and fab_targets + 1 > num_classes:
-    problems.append(f"FAB-T asks for {fab_targets} target classes but only {num_classes - 1} "
-                    "exist")
+  for name in attacks:
+    entry = registry.get(name)
+    loss = entry.settings_for("linf").get("loss")
+    wanted = (targets or {}).get(name, num_targets)
+    wanted = entry.settings_for("linf").get("targets", 1) if wanted is None else wanted
+    if num_classes < entry.min_classes:
+      problems.append(f"{entry.display} ({loss} loss) needs >= {entry.min_classes} classes, "
+                      f"the model has {num_classes}")
+    elif entry.targeted and wanted + 1 > num_classes:
+      problems.append(f"{entry.display} asks for {wanted} target classes but only "
+                      f"{num_classes - 1} exist")
   if problems:
     return "; ".join(problems) + f", {DOC}"
   return None
 
 
-def check_dynamic(logits_fn, images) -> str | None:
-  """Warns when computing `logits_fn(images)` calls JAX's differentiation (jax.grad, vjp, jvp,
-  linearize, value_and_grad): an optimisation at inference time, which AutoAttack's standard
-  version does not evaluate adequately. Traces `logits_fn` abstractly (nothing is computed)."""
-  calls = []
+def _autodiff_calls(logits_fn, images) -> set[str]:
+  """What JAX differentiation runs while `logits_fn(images)` is traced abstractly: the public
+  entry points seen (grad, jacfwd, ...) and 'autodiff' whenever JAX's autodiff interpreter
+  (jax/_src/interpreters/ad.py: JVP, linearize, transpose) runs at all, so every entry point,
+  present or future, is caught, not a list of names."""
+  calls: set[str] = set()
 
   def profile(frame, event, arg):
     del arg
-    code = frame.f_code
-    if (event == "call" and code.co_name in _AUTODIFF_ENTRY_POINTS
-        and code.co_filename.replace("\\", "/").endswith("jax/_src/api.py")):
-      calls.append(code.co_name)
+    if event != "call":
+      return
+    path = frame.f_code.co_filename.replace("\\", "/")
+    if path.endswith("jax/_src/interpreters/ad.py"):
+      calls.add("autodiff")
+    elif path.endswith("jax/_src/api.py") and frame.f_code.co_name in _AUTODIFF_NAMES:
+      calls.add(frame.f_code.co_name)
 
   previous = sys.getprofile()
   sys.setprofile(profile)
@@ -183,8 +225,18 @@ def check_dynamic(logits_fn, images) -> str | None:
     jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(jnp.shape(images), jnp.float32))
   finally:
     sys.setprofile(previous)
+  return calls
+
+
+def check_dynamic(logits_fn, images) -> str | None:
+  """Warns when computing `logits_fn(images)` differentiates anything (jax.grad, vjp, jvp,
+  jacfwd, jacrev, hessian, linearize, linear_transpose, or any other use of JAX's autodiff
+  interpreter): an optimisation at inference time, which AutoAttack's standard version does not
+  evaluate adequately. Traces `logits_fn` abstractly (nothing is computed)."""
+  calls = _autodiff_calls(logits_fn, images)
   if calls:
-    return (f"the model differentiates while computing its logits ({', '.join(sorted(set(calls)))}"
+    named = sorted(calls - {"autodiff"}) or ["JAX autodiff"]
+    return (f"the model differentiates while computing its logits ({', '.join(named)}"
             "): a dynamic defence, for which the evaluation may not suffice (adaptive attacks "
             f"are needed), {DOC}")
   return None

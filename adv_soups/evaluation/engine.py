@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from adv_soups import data as data_lib
 from adv_soups import parallel
-from adv_soups.attacks import robust_accuracy
+from adv_soups.attacks import registry, robust_accuracy
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,8 +162,9 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
       batches (process-local; b may vary).
     domains: int [A] (domain ids) or float [A, D] (mixing weights; the soup at alpha is
       [1 - alpha, alpha]).
-    attacks: names from `attacks.suites.ATTACKS`, run in sequence on the survivors (empty:
-      clean accuracy only); budgets: {name: iterations or queries}.
+    attacks: names of the attack registry, run in sequence on the survivors (empty: clean
+      accuracy only); budgets: {name: iterations or queries} (an attack not named runs at its
+      registry default; PGD has none).
     eps: pixel units; norm: 'linf' | 'l2'.
     class_subset: restrict predictions to these classes (e.g. ImageNet-R's 200); labels are
       remapped to the subset.
@@ -216,7 +218,7 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
       cc, bb = np.zeros((0, count), bool), np.zeros((0, count), np.int32)
     else:
       result = robust_accuracy(logits_fn, rows(chunk), eps=eps, norm=norm, attacks=names,
-                               num_steps=budgets or 1, params=params, mesh=mesh, seed=seed,
+                               num_steps=budgets or None, params=params, mesh=mesh, seed=seed,
                                batch_size=batch_size)
       cc, bb = result.clean_correct, result.broken_by
       if outside:  # never right: a clean error, not attacked into one
@@ -237,16 +239,54 @@ def evaluate_columns(model, params: Any, batches: Iterable[dict], domains: np.nd
   if not clean or sum(len(c) for c in clean) == 0:
     raise ValueError("no (unmasked) examples to evaluate")
   if not settings and names:
-    settings = [dict(name=n, eps=eps, norm=norm, num_steps=budgets.get(n)) for n in names]
+    settings = [dict(name=n, eps=eps, norm=norm, budget=b, num_steps=b) for n, b in
+                registry.resolve_budgets(names, budgets or None).items()]
   return ColumnResult(clean_correct=np.concatenate(clean), broken_by=np.concatenate(broken),
                       attacks=settings)
 
 
+def evaluate_request(request, dataset: str | None = None, split: str | None = None,
+                     num_examples: int | None = None, *, columns: np.ndarray | None = None,
+                     attack: bool = True, wrap=None, store: ChunkStore | None = None,
+                     chunk_batches: int = 32, on_chunk=None,
+                     batch_columns: int | None = None) -> ColumnResult:
+  """The one entry point: per-example results of `request` (an `evaluation.Request`) on one
+  dataset, gathered over every process (a global call when there are several).
+
+  dataset / split / num_examples: what to read (default the request's main dataset, its split
+  and num_examples; split None on another dataset is that dataset's evaluation split).
+  columns: int [A] domain ids or float [A, D] mixing weights (default the request's).
+  attack: run the request's attacks (False: clean accuracy only). wrap(batches, name): e.g. a
+  progress bar around the data. store / chunk_batches / on_chunk: resumable results (see
+  `evaluate_columns`). batch_columns: size the data batches for this many columns (default
+  A; the progress total of a request counts the held-out selection as 3). Done here, once: the dataset's class subset, the rows per compiled call,
+  this process's global example offset (keys the random starts) and the gather.
+  """
+  if dataset is None:  # the request's main dataset, as the request states it
+    dataset, split = request.dataset, split or request.split
+    num_examples = request.num_examples if num_examples is None else num_examples
+  columns = request.columns if columns is None else np.asarray(columns)
+  count = len(columns)
+  spec = data_lib.get_spec(dataset)
+  batches = request.batches(dataset, split, num_examples, columns=batch_columns or count)
+  if wrap is not None:
+    batches = wrap(batches, dataset)
+  names = tuple(request.attacks) if attack else ()
+  result = evaluate_columns(
+      request.loaded.model, request.loaded.params, batches, columns, attacks=names,
+      budgets={n: request.budgets[n] for n in names} or None, eps=request.eps if names else 0.0,
+      norm=request.norm, class_subset=spec.class_subset, seed=request.seed,
+      batch_size=batch_rows(request, dataset, split, num_examples, count),
+      index_offset=request.offset(dataset, split, num_examples), store=store,
+      chunk_batches=chunk_batches, on_chunk=on_chunk)
+  return gather(result)
+
+
 def _accumulate(total: list[dict], chunk: Sequence[dict]) -> list[dict]:
-  """The attacks' settings, with 'seconds' and 'rows_attacked' summed over chunks."""
+  """The attacks' settings, with their times and row counts summed over chunks."""
   out = [dict(s) for s in chunk]
   for mine, before in zip(out, total):
-    for key in ("seconds", "rows_attacked"):
+    for key in ("seconds", "compile_seconds", "rows_attacked", "rows_computed"):
       mine[key] = mine.get(key, 0) + before.get(key, 0)
   return out
 
@@ -277,6 +317,15 @@ def gather(result: ColumnResult) -> ColumnResult:
   bb = np.asarray(multihost_utils.process_allgather(pad(result.broken_by, -1)))
   keep = lambda a: np.concatenate([a[p, :c] for p, c in enumerate(counts.tolist())])
   return ColumnResult(clean_correct=keep(cc), broken_by=keep(bb), attacks=result.attacks)
+
+
+def batch_rows(request, name: str, split: str | None, num_examples: int | None,
+               columns: int) -> int:
+  """Rows per compiled call for dataset `name` of `request`: the request's batch size, or the
+  smallest multiple of the device count that holds the whole (smaller) evaluation."""
+  size = request.size(name, split, num_examples)
+  rows = None if size is None else -(-size // jax.process_count()) * columns
+  return smallest_batch(request.batch_size, rows, jax.local_device_count())
 
 
 def smallest_batch(batch_size: int, num_rows: int | None, num_devices: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 
 
 def build(request, kind: str, main, shifts: dict, selection: dict | None, warnings: list[str],
@@ -32,7 +32,7 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
                clean_accuracy=float(main.clean_correct[:, a].mean()))
     if names:
       row["robust_accuracy"] = float(main.robust[:, a].mean())
-      row["robust_accuracy_after"] = {suites.display(n): float(main.accuracy_after(j)[a])
+      row["robust_accuracy_after"] = {registry.display(n): float(main.accuracy_after(j)[a])
                                       for j, n in enumerate(names)}
     row["shifts"] = {g: e["mean"][a] for g, e in shifts.items()}
     rows.append(row)
@@ -42,12 +42,23 @@ def build(request, kind: str, main, shifts: dict, selection: dict | None, warnin
       model=dict(adapter=loaded.config.model.get("adapter"), num_domains=loaded.num_domains,
                  mode=loaded.config.train.get("mode")),
       dataset=request.dataset, split=request.split, num_examples=main.num_examples,
-      attack=dict(names=[suites.display(n) for n in names], attacks=main.attacks if names else [],
-                  description=request.description, suite=suites.suite_label(request.attacks),
+      attack=dict(names=[registry.display(n) for n in names], attacks=main.attacks if names else [],
+                  description=request.description,
+                  suite=registry.suite_label(request.attacks, request.budgets),
                   budgets=request.budgets),
+      precision=_precision(request),
       eps=request.eps, norm=request.norm, alphas=request.alphas, columns=request.labels,
       single_domain=loaded.num_domains == 1, notes=list(request.notes), results=rows,
       shifts=shifts, selection=selection, warnings=warnings, wall_time_s=wall_time_s)
+
+
+def _precision(request) -> dict:
+  """What the numbers were computed in: the model's compute dtype, the attacks' matmuls."""
+  from adv_soups import loading
+  configured = loading.compute_dtype(request.config)
+  compute = configured if request.precision == "model" else "float32"
+  return dict(request=request.precision, config_dtype=configured, compute_dtype=compute,
+              matmul="highest")
 
 
 def one_model(report: dict) -> dict:
@@ -85,6 +96,10 @@ def _header(report: dict) -> list[str]:
                                                if report["kind"] == "sweep" else ""))
   else:
     lines.append("Attack: none (clean accuracy only)")
+  prec = report.get("precision")
+  if prec and prec["compute_dtype"] != "float32":
+    lines.append(f"Precision: the model computed in {prec['compute_dtype']} (as its config "
+                 "asks, --precision=model), not float32")
   lines += [f"Note: {n}" for n in report["notes"]]
   lines += [f"Warning: {w}" for w in report.get("warnings", [])]
   return lines
@@ -126,11 +141,14 @@ def format_table(report: dict) -> str:
         f"{sel['chosen_alpha']:.3g} vs {_pct(h['alpha_0'])}% at 0 (clean mode) and "
         f"{_pct(h['alpha_1'])}% at 1 (robust mode)")
   lines.append(f"Wall time {report['wall_time_s']:.1f} s")
-  spent = [(suites.display(a["name"]), a.get("seconds"), a.get("rows_attacked"))
+  spent = [(registry.display(a["name"]), a.get("seconds"), a.get("rows_attacked"),
+            a.get("compile_seconds"), a.get("rows_computed"))
            for a in report["attack"]["attacks"]]
-  if spent and all(t is not None for _, t, _ in spent):
-    lines.append("Time per attack (rows attacked): " + ", ".join(
-        f"{name} {t:.1f} s ({rows})" for name, t, rows in spent))
+  if spent and all(t is not None for _, t, *_ in spent):
+    lines.append("Time per attack (rows attacked / computed with padding; compilation "
+                 "separate): " + ", ".join(
+                     f"{name} {t:.1f} s ({rows}/{computed}; +{c or 0:.1f} s compiling)"
+                     for name, t, rows, c, computed in spent))
   if report.get("files"):
     lines.append(f"written to {report['files']['json']}")
   return "\n".join(lines)

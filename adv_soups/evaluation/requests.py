@@ -21,11 +21,15 @@ import tensorflow_datasets as tfds
 from adv_soups import cli
 from adv_soups import data as data_lib
 from adv_soups import soups
+from adv_soups import threats as threats_lib
 from adv_soups import workdir as workdir_lib
-from adv_soups.attacks import suites
+from adv_soups.attacks import registry
 
 SHIFT_FAMILIES = {"imagenet2012_corrupted": "imagenet2012", "cifar10_corrupted": "cifar10"}
 DEFAULT_SELECTION_EXAMPLES = 1000
+PRECISION_FLAG = ("string", "precision", "float32", "float32 (default): evaluate in float32 "
+                  "whatever the model's config computes in; model: the config's compute dtype "
+                  "(e.g. bfloat16). The attacks' matmuls run at full precision either way.")
 
 
 def parse_shifts(shifts: str | Sequence[str] | None) -> list[tuple[str, list[str]]]:
@@ -132,6 +136,8 @@ class Request:
   columns: int [A] domain ids or mixing weights [A, D]; labels: a name per column ('alpha0.5',
   'domain1'); alphas: the soup coefficients of the columns (None when the columns are domains).
   attacks / budgets: the suite, in order, and each attack's iterations (Square: queries).
+  precision: 'float32' (the model computes in float32 whatever its config says) or 'model'
+  (the config's compute dtype); the attacks' matmuls run at full precision either way.
   """
   loaded: Any
   columns: np.ndarray
@@ -150,6 +156,7 @@ class Request:
   seed: int = 0
   selection: Selection | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
+  precision: str = "float32"
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -158,7 +165,7 @@ class Request:
   @property
   def description(self) -> str:
     """What attacks ran, in words (never calls a partial suite AutoAttack)."""
-    return suites.describe(self.attacks, self.budgets)
+    return registry.describe(self.attacks, self.budgets)
 
   def data_batch_size(self, columns: int | None = None) -> int:
     """Examples per data batch when each is expanded to `columns` rows: ceil(batch_size / A),
@@ -234,7 +241,7 @@ class Request:
     n = "all" if self.num_examples is None else str(self.num_examples)
     if self.attacks:
       attack = "+".join(f"{a}{self.budgets[a]}" for a in self.attacks)
-      if tuple(self.attacks) == suites.STANDARD_AUTOATTACK:
+      if registry.is_reference(self.attacks, self.budgets):
         attack = f"autoattack{self.budgets['apgd-ce']}-sq{self.budgets['square']}"
       threat = f"_{self.norm}-eps{_eps_text(self.eps)}"
     else:
@@ -249,8 +256,9 @@ class Request:
     shifts = ("_shifts-" + "-".join(g for g, _ in self.shifts)) if self.shifts else ""
     sel = (f"_select-{self.selection.dataset}-{self.selection.split}{self.selection.n}"
            if self.selection else "")
+    prec = "" if self.precision == "float32" else f"_precision-{self.precision}"
     text = (f"{kind}_{self.dataset}-{self.split}_n{n}_{attack}{threat}_{cols}{shifts}{sel}"
-            f"_step{self.loaded.step}")
+            f"{prec}_step{self.loaded.step}")
     return re.sub(r"[^A-Za-z0-9_.+\-]", "-", text)
 
 
@@ -267,34 +275,40 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
                  num_examples: int | None = None, batch_size: int | None = None,
                  shifts: Any = (), step: int | None = None, data_dir: str | None = None,
                  alphas: Sequence[float] | None = None, domain: int | None = None,
-                 select_alpha_on: str | None = None, loaded: Any = None) -> Request:
+                 select_alpha_on: str | None = None, loaded: Any = None,
+                 precision: str = "float32") -> Request:
   """Checks a request and restores the model (unless `loaded` is given), compiling nothing.
 
   Exactly one of `alphas` (soups; [0] for a single-domain model) or `domain` names the columns.
-  Defaults come from the workdir's config: eps / norm from config.attack, PGD's steps from
+  Defaults come from the workdir's config: eps / norm from its first threat (config.threats, or
+  config.attack in a run without them), PGD's steps from
   config.eval.attack_steps (APGD and FAB: 100, Square: 5,000 queries), dataset from config.data
   (split: config.eval.split or the dataset's evaluation split), num_examples / batch_size from
   config.eval, data_dir from config.data. Raises ValueError or FileNotFoundError with one line
-  naming the bad value and what is allowed.
+  naming the bad value and what is allowed. `precision`: 'float32' (default) evaluates a model
+  whose config computes in bfloat16 with float32 compute; 'model' keeps the config's dtype.
   """
   from adv_soups import loading  # loading builds on the attacks table; import late
-  names = suites.parse_suite(attack)
+  names = registry.parse_suite(attack)
+  if precision not in loading.PRECISIONS:
+    raise ValueError(f"--precision={precision!r}: allowed {', '.join(loading.PRECISIONS)}")
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
   if loaded is None:
     loading.checkpoint_step(workdir, step)
-  norm = norm or config.attack.norm
+  default = next(iter(threats_lib.normalise(config).values()))  # the first threat
+  norm = norm or default["norm"]
   if norm not in ("linf", "l2"):
     raise ValueError(f"unknown norm {norm!r}: allowed linf, l2")
-  eps = cli.parse_eps(config.attack.eps if eps is None else eps, norm)
+  eps = cli.parse_eps(default["eps"] if eps is None else eps, norm)
   for flag, value in (("steps", steps), ("square_queries", square_queries),
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):
       raise ValueError(f"--{flag}={value} must be an integer >= 1")
-  budgets = suites.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
+  budgets = registry.resolve_steps(names, steps, int(config.eval.attack_steps), square_queries)
   dataset = dataset or config.data.name
   spec = check_dataset(dataset, config)
   for n in names:
-    need = suites.ATTACKS[n].min_classes
+    need = registry.get(n).min_classes
     if spec.num_classes < need:
       raise ValueError(f"attack {n!r} needs >= {need} classes; {dataset!r} has "
                        f"{spec.num_classes}")
@@ -317,12 +331,13 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
       probe(data_dir, name, data_lib.get_spec(name).eval_split, size)
   if loaded is None:
     loaded = loading.load(workdir, step)
+  loaded = loaded.with_precision(precision)
   return Request(loaded=loaded, columns=columns, labels=labels, alphas=alphas, attacks=names,
                  budgets=budgets, eps=eps, norm=norm, dataset=dataset, split=split,
                  num_examples=num_examples,
                  batch_size=int(batch_size or config.eval.batch_size), shifts=groups,
                  data_dir=data_dir, seed=int(config.get("seed", 0)), selection=selection,
-                 notes=notes)
+                 notes=notes, precision=precision)
 
 
 def _columns(config, num_domains: int, alphas, domain):

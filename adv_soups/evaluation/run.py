@@ -20,7 +20,6 @@ import tensorflow as tf
 from absl import logging
 
 from adv_soups import data as data_lib
-from adv_soups.attacks import suites
 from adv_soups.evaluation import engine, reports
 from adv_soups.evaluation.requests import SHIFT_FAMILIES, Request
 
@@ -47,13 +46,7 @@ def _corruption(name: str) -> str:
   return name.partition("/")[2].rpartition("_")[0]
 
 
-def batch_rows(request: Request, name: str, split: str | None, num_examples: int | None,
-                columns: int) -> int:
-  """Rows per compiled call for this dataset: the request's batch size, or the smallest
-  multiple of the device count that holds the whole (smaller) evaluation."""
-  size = request.size(name, split, num_examples)
-  rows = None if size is None else -(-size // jax.process_count()) * columns
-  return engine.smallest_batch(request.batch_size, rows, jax.local_device_count())
+batch_rows = engine.batch_rows  # (its old home)
 
 
 def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = None,
@@ -81,24 +74,14 @@ def run_request(request: Request, *, kind: str = "eval", out_dir: str | None = N
     print(f"resuming {name}: {resumed} chunk(s) already evaluated", file=sys.stderr)
   bar = Progress(request.total_batches(), enabled=progress and jax.process_index() == 0,
                  desc="sweep" if kind == "sweep" else "evaluating")
-  model, params = loaded.model, loaded.params
   spec = data_lib.get_spec(request.dataset)
-  columns = request.columns
   try:
     warnings = []
     if run_checks and request.attacks:
       warnings = _masking_checks(request, spec)
-    main = engine.evaluate_columns(
-        model, params, bar.wrap(request.batches(request.dataset, request.split,
-                                                request.num_examples), request.dataset),
-        columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
-        norm=request.norm, class_subset=spec.class_subset, seed=request.seed,
-        batch_size=batch_rows(request, request.dataset, request.split, request.num_examples,
-                               len(columns)),
-        store=store, chunk_batches=chunk_batches,
-        index_offset=request.offset(request.dataset, request.split, request.num_examples))
-    main = engine.gather(main)
-    if run_checks and "square" in request.attacks:
+    main = engine.evaluate_request(request, wrap=bar.wrap, store=store,
+                                   chunk_batches=chunk_batches)
+    if run_checks and _black_box(request):
       warnings += _square_check(request, main)
     shifts = _shifts(request, bar)
     selection = _select_alpha(request, bar) if request.selection else None
@@ -131,17 +114,11 @@ def _shifts(request: Request, bar: Progress) -> dict:
   """{group: {'mean' [A], 'per_dataset' {name: [A]}, 'num_examples' {name: n},
   'per_corruption' {corruption: [A]} for corrupted families}} (clean accuracy per column)."""
   out = {}
-  model, params = request.loaded.model, request.loaded.params
-  count = len(request.columns)
   for group, names in request.shifts:
     per_dataset, counts = {}, {}
     for name in names:
-      spec = data_lib.get_spec(name)
-      result = engine.gather(engine.evaluate_columns(
-          model, params, bar.wrap(request.batches(name, None, request.num_examples), name),
-          request.columns, class_subset=spec.class_subset,
-          batch_size=batch_rows(request, name, None, request.num_examples, count),
-          index_offset=request.offset(name, None, request.num_examples)))
+      result = engine.evaluate_request(request, name, None, request.num_examples, attack=False,
+                                       wrap=bar.wrap)
       per_dataset[name] = result.clean_correct.mean(0).tolist()
       counts[name] = result.num_examples
     entry = dict(mean=np.mean(list(per_dataset.values()), axis=0).tolist(),
@@ -159,23 +136,16 @@ def _select_alpha(request: Request, bar: Progress) -> dict:
   """Chooses alpha on split[:n] of the selection dataset and scores the chosen alpha, 0 and 1
   on split[n:] (disjoint examples)."""
   sel = request.selection
-  model, params = request.loaded.model, request.loaded.params
-  spec = data_lib.get_spec(sel.dataset)
   from adv_soups import soups
-  choose = engine.gather(engine.evaluate_columns(
-      model, params, bar.wrap(request.batches(sel.dataset, sel.selection_split), sel.dataset),
-      request.columns, class_subset=spec.class_subset,
-      batch_size=batch_rows(request, sel.dataset, sel.selection_split, None,
-                             len(request.columns))))
+  choose = engine.evaluate_request(request, sel.dataset, sel.selection_split, attack=False,
+                                   wrap=bar.wrap)
   accuracy = choose.clean_correct.mean(0)
   best = int(np.argmax(accuracy))  # ties: the first (smallest) alpha
   chosen = request.alphas[best]
   scored = sorted({chosen, 0.0, 1.0})
-  held = engine.gather(engine.evaluate_columns(
-      model, params, bar.wrap(request.batches(sel.dataset, sel.heldout_split, columns=3),
-                              sel.dataset),
-      np.asarray(soups.mix_weights(scored), np.float32), class_subset=spec.class_subset,
-      batch_size=batch_rows(request, sel.dataset, sel.heldout_split, None, len(scored))))
+  held = engine.evaluate_request(request, sel.dataset, sel.heldout_split, attack=False,
+                                 columns=np.asarray(soups.mix_weights(scored), np.float32),
+                                 wrap=bar.wrap, batch_columns=3)
   held_acc = dict(zip(scored, held.clean_correct.mean(0).tolist()))
   return dict(dataset=sel.dataset, selection_split=sel.selection_split,
               heldout_split=sel.heldout_split, num_selection=choose.num_examples,
@@ -193,44 +163,91 @@ def _first_batch(request: Request, limit: int = 64) -> dict | None:
   return None
 
 
+def _restrict(batch: dict, spec, first_index: int = 0) -> dict:
+  """The batch's unmasked rows, labels remapped to the dataset's class subset (rows whose label
+  lies outside it dropped); 'key': each row's index in the stream of unmasked examples, counted
+  from `first_index`."""
+  keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool)
+  images, labels = batch["image"][keep], batch["label"][keep]
+  key = np.arange(first_index, first_index + len(labels), dtype=np.int32)
+  if spec.class_subset is not None:
+    labels, inside = engine.remap_labels(labels, spec.class_subset)
+    images, labels, key = images[inside], labels[inside], key[inside]
+  return dict(image=images, label=labels, key=key)
+
+
 def _masking_checks(request: Request, spec) -> list[str]:
-  """AutoAttack's checks for gradient masking on a few examples of the first column (warnings
-  only: none changes a number)."""
+  """AutoAttack's checks for gradient masking on the first column (warnings only: none changes
+  a number): classes, randomness, probabilities and a dynamic model on a few examples; zero
+  gradients on every batch of the main dataset (`_zero_gradients`)."""
   from adv_soups.attacks import checks
   batch = _first_batch(request)
-  if batch is None or not len(batch["label"]):
+  if batch is None:
+    return []
+  batch = _restrict(batch, spec)
+  if not len(batch["label"]):
     return []
   model, params = request.loaded.model, request.loaded.params
   logits_fn = engine.model_logits_fn(model, None if spec.class_subset is None
                                      else tuple(spec.class_subset))
   column = request.columns[0]
   domain = engine.per_example_domain(column, len(batch["label"]))
-  labels = batch["label"]
-  if spec.class_subset is not None:
-    labels, inside = engine.remap_labels(labels, spec.class_subset)
-    images, labels = batch["image"][inside], labels[inside]
-    if not len(labels):
-      return []
-    batch = dict(image=images, label=labels)
-    domain = engine.per_example_domain(column, len(labels))
   raw = lambda x: logits_fn(params, x, domain)
   jitted = _jitted(logits_fn)
   # compiled once per model and shape, across requests
   f = lambda x: jitted(params, x, engine.per_example_domain(column, len(x)))
-  images = batch["image"]
+  images, labels = batch["image"], batch["label"]
   logits = np.asarray(f(images))
-  found = [checks.check_n_classes(logits.shape[-1], request.attacks, suites.NUM_TARGETS),
+  found = [checks.check_n_classes(logits.shape[-1], request.attacks),
            checks.check_randomized(f, images, labels),
            checks.check_probabilities(logits),
            checks.check_dynamic(raw, images)]
-  # Zero DLR gradients only on the points the attacks will see (the correctly classified ones):
-  # on a misclassified point whose label is the third-highest logit the DLR is identically 1,
-  # so its gradient is exactly 0 on any model (AutoAttack's check counts those too).
-  correct = logits.argmax(-1) == labels
-  if correct.any():
-    found.append(checks.check_zero_gradients(f, images[correct], labels[correct],
-                                             eps=request.eps, norm=request.norm))
+  found.append(_zero_gradients(request, spec, logits_fn, column))
   return [w for w in found if w]
+
+
+def _zero_gradients(request: Request, spec, logits_fn, column) -> str | None:
+  """AutoAttack's zero-gradient check on every batch of the main dataset: the DLR loss at
+  APGD's start and, when an attack of the suite uses the targeted DLR (APGD-T), that loss at
+  its start for each of its targets, keyed as the runner keys them (same seed, attack
+  position and example index). Only the correctly classified points count (those the attacks
+  see; on the others the DLR can be constant by design)."""
+  from adv_soups.attacks import checks, registry
+  params = request.loaded.params
+  targeted = [(j, registry.get(n)) for j, n in enumerate(request.attacks)
+              if registry.get(n).settings_for(request.norm).get("loss") == "dlr-targeted"]
+  num_targets = 0
+  seed_key = jax.random.PRNGKey(request.seed)
+  target_rng = seed_key
+  if targeted:
+    j, entry = targeted[0]
+    num_targets = int(entry.settings_for(request.norm).get("targets", 1))
+    target_rng = jax.random.fold_in(seed_key, j)
+  rng = jax.random.fold_in(seed_key, 0)
+  f = lambda x: logits_fn(params, x, engine.per_example_domain(column, x.shape[0]))
+  masks = checks.zero_gradient_masks(f, norm=request.norm, num_targets=num_targets)
+  predict = _jitted(logits_fn)
+  index = request.offset(request.dataset, request.split, request.num_examples)
+  zero = total = 0
+  for batch in request.batches(request.dataset, request.split, request.num_examples, columns=1):
+    rows = _restrict(batch, spec, index)
+    n = len(rows["label"])
+    index += int(np.sum(batch.get("mask", np.ones(len(batch["label"]), bool))))
+    if not n:
+      continue
+    correct = np.asarray(predict(params, rows["image"], engine.per_example_domain(
+        column, n))).argmax(-1) == rows["label"]
+    if not correct.any():
+      continue
+    m = np.asarray(masks(rows["image"][correct], rows["label"][correct], rng,
+                         np.float32(request.eps), rows["key"][correct], target_rng))
+    zero += int(m.any(0).sum())
+    total += int(correct.sum())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    zero, total = np.asarray(multihost_utils.process_allgather(
+        np.asarray([zero, total], np.int64))).reshape(-1, 2).sum(0).tolist()
+  return checks.zero_gradient_message(zero, total) if zero else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -238,11 +255,19 @@ def _jitted(logits_fn):
   return jax.jit(logits_fn)
 
 
+def _black_box(request: Request) -> int | None:
+  """The position of the suite's first score-based attack (budget in queries), if any."""
+  from adv_soups.attacks import registry
+  return next((j for j, n in enumerate(request.attacks)
+               if registry.get(n).budget == "queries"), None)
+
+
 def _square_check(request: Request, main: engine.ColumnResult) -> list[str]:
-  """Square lowering what the white-box attacks left by more than AutoAttack's threshold."""
+  """Square (the first score-based attack, one whose budget counts queries) lowering what the
+  white-box attacks before it left by more than AutoAttack's threshold."""
   from adv_soups.attacks import checks
-  j = list(request.attacks).index("square")
-  if j == 0:
+  j = _black_box(request)
+  if not j:
     return []
   out = []
   before, after = main.accuracy_after(j - 1), main.accuracy_after(j)

@@ -127,20 +127,11 @@ def plan(workdir: str, weights: str | np.ndarray | None = None, *, attack: str =
   return ThreatSweep(reqs, w, select_on, selection, notes)
 
 
-def _evaluate(request: requests.Request, attacks: Sequence[str], name: str | None = None,
+def _evaluate(request: requests.Request, attack: bool, name: str | None = None,
               split: str | None = None, num_examples: int | None = None
               ) -> engine.ColumnResult:
-  name = name or request.dataset
-  count = len(request.columns)
-  batches = request.batches(name, split, num_examples, columns=count)
-  size = request.size(name, split, num_examples)
-  rows = None if size is None else -(-size // jax.process_count()) * count
-  result = engine.evaluate_columns(
-      request.loaded.model, request.loaded.params, batches, request.columns, attacks=attacks,
-      budgets=request.budgets, eps=request.eps, norm=request.norm, seed=request.seed,
-      batch_size=engine.smallest_batch(request.batch_size, rows, jax.local_device_count()),
-      index_offset=request.offset(name, split, num_examples))
-  return engine.gather(result)
+  """Per-example results of every soup of `request` (its attacks when `attack`)."""
+  return engine.evaluate_request(request, name, split, num_examples, attack=attack)
 
 
 def run(sweep: ThreatSweep, *, kind: str = "sweep", out_dir: str | None = None,
@@ -154,7 +145,7 @@ def run(sweep: ThreatSweep, *, kind: str = "sweep", out_dir: str | None = None,
   first = sweep.first
   clean, robust = None, {}
   for name, request in sweep.requests.items():
-    result = _evaluate(request, request.attacks)
+    result = _evaluate(request, True)
     clean = result.clean_correct if clean is None else clean
     robust[name] = result.robust if request.attacks else result.clean_correct
   acc = union.accuracies(clean, robust)
@@ -174,9 +165,9 @@ def run(sweep: ThreatSweep, *, kind: str = "sweep", out_dir: str | None = None,
     selection["column"] = rows[selection["index"]]["column"]
   elif sweep.selection is not None:
     sel = sweep.selection
-    chosen = _evaluate(first, (), sel.dataset, sel.selection_split)
+    chosen = _evaluate(first, False, sel.dataset, sel.selection_split)
     index = union.select(chosen.clean_correct.mean(0))
-    held = _evaluate(first, (), sel.dataset, sel.heldout_split, sel.num_heldout)
+    held = _evaluate(first, False, sel.dataset, sel.heldout_split, sel.num_heldout)
     selection = {"criterion": f"{sel.dataset}:{sel.split}[:{sel.n}]", "index": index,
                  "column": rows[index]["column"],
                  "selection_accuracy": float(chosen.clean_correct.mean(0)[index]),
