@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
+from typing import NoReturn
 
 import tensorflow as tf
 
@@ -73,3 +75,11 @@ def write_finished(workdir: str, step: int) -> str:
 def is_finished(workdir: str) -> bool:
   """Whether `workdir` holds a run that trained to its last step."""
   return tf.io.gfile.exists(os.path.join(workdir, FINISHED_FILE))
+
+
+def exit_preempted(workdir: str, step: int, total_steps: int, process_index: int = 0) -> NoReturn:
+  """The programs' exit after a preemption save: one line on stderr saying where the run stopped,
+  then exit status `EXIT_PREEMPTED` (75: relaunch the same command to resume)."""
+  print(f"preempted: process {process_index} saved step {step} of {total_steps} in {workdir}; "
+        "run the same command to resume", file=sys.stderr, flush=True)
+  sys.exit(EXIT_PREEMPTED)

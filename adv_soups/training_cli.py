@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adv_soups import cli, parallel, preemption, train
+from adv_soups import cli, parallel, preemption, training
 from adv_soups import data as data_lib
 from adv_soups.cli import fail
 
@@ -96,7 +96,7 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
   if raw_config is None or not values.workdir:
     fail("both --config=configs/NAME.py and --workdir=DIR are required")
   try:
-    config = train.resolve_config(raw_config)
+    config = training.resolve_config(raw_config)
     data_lib.check_available(config.data)
   except (ValueError, OSError) as e:  # OSError: a missing config file or data set
     fail(" ".join(str(e).split()))
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None, flag_values: flags.FlagValues | None = N
 def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False):
   """Trains a config that `parse_command_line` returned, as the program does: checks the
   workdir (one line, exit 2), quiets the chatty loggers, trains, and on SIGTERM exits 75 after
-  one line saying where it stopped. Returns the `train.TrainResult` of a finished run."""
+  one line saying where it stopped. Returns the `training.TrainResult` of a finished run."""
   try:
-    train.prepare_workdir(config, workdir, overwrite=overwrite)
+    training.prepare_workdir(config, workdir, overwrite=overwrite)
   except ValueError as e:
     fail(str(e))
   quiet_logging()
   try:
-    result = train.train_and_evaluate(config, workdir)
+    result = training.train_and_evaluate(config, workdir)
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() > 1:  # exiting normally waits minutes in jax's shutdown barrier for
       traceback.print_exc()      # the others, which wait in a collective for us: fail now
@@ -131,10 +131,8 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
       os._exit(1)
     raise
   if result.preempted_at is not None:
-    print(f"preempted: process {jax.process_index()} saved step {result.preempted_at} of "
-          f"{config.train.steps} in {workdir}; run the same command to resume", file=sys.stderr,
-          flush=True)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
+                              jax.process_index())
   return result
 
 

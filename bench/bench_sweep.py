@@ -37,7 +37,7 @@ jax.monitoring.register_event_duration_secs_listener(
 
 def train_tiny(workdir: str, data_dir: str) -> None:
   """The tests' tiny co-trained digits model (see tests/conftest.py)."""
-  from adv_soups import train
+  from adv_soups import training
   from configs import digits
   config = digits.get_config()
   config.data.data_dir = data_dir
@@ -47,7 +47,7 @@ def train_tiny(workdir: str, data_dir: str) -> None:
   config.attack.update(num_steps=2, eps=0.03)
   config.optimizer.update(learning_rate=5e-3, warmup_steps=10)
   config.eval.update(num_examples=64, batch_size=64, attack_steps=2)
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
 
 
 def count_compiles(fn) -> int:
@@ -71,10 +71,10 @@ def best_times(runs, repeats: int) -> list[float]:
 
 def compute_bound(args) -> None:
   """Section 1: every row attacked; the model is the digits config's, untrained."""
-  from adv_soups import train
+  from adv_soups import training
   from adv_soups.models import create_model, init_params
   from configs import digits
-  config = train.resolve_config(digits.get_config())
+  config = training.resolve_config(digits.get_config())
   model = create_model(config.model)
   params = init_params(model, jax.random.key(0), config.model.channels)
   rng = np.random.default_rng(0)

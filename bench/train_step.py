@@ -1,4 +1,4 @@
-"""Train-step throughput of `adv_soups.train.make_train_step`, optionally beside PyTorch eager.
+"""Train-step throughput of `adv_soups.training.make_train_step`, optionally beside PyTorch eager.
 
   .venv/bin/python -m bench.train_step                         # the standard configuration
   .venv/bin/python -m bench.train_step --baseline=torch        # + the PyTorch eager step, interleaved
@@ -10,8 +10,8 @@
 Standard configuration (the performance issue): ViT width 192, depth 6, 3 heads, MLP 768, 32x32x3
 images, patch 4, 10 classes, token adapter, global batch 128, PGD-2 l_inf eps 4/255 with a random
 start, AdamW, float32. The step is the project's own: the config comes from
-`config_base.base_config()` + `train.resolve_config`, the mesh spans `jax.devices()`, and the step
-is `train.make_train_step`, compiled ahead of time (its compile time is reported; the timed calls
+`training.base_config()` + `training.resolve_config`, the mesh spans `jax.devices()`, and the step
+is `training.make_train_step`, compiled ahead of time (its compile time is reported; the timed calls
 cannot recompile). Warm-up excluded; `--repeats` timed repetitions of `--steps` steps each; the
 median and the spread (min, max) are reported.
 
@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_config(args, mode: str):
   """The resolved adv_soups config of the benchmark for `mode`."""
-  from adv_soups import config_base, train
-  config = config_base.base_config()
+  from adv_soups import training
+  config = training.base_config()
   config.model.update(variant=args.variant, width=args.width, depth=args.depth,
                       num_heads=args.heads, mlp_dim=args.mlp, patch_size=args.patch,
                       image_size=args.image_size, num_classes=args.num_classes, adapter="token",
@@ -105,7 +105,7 @@ def make_config(args, mode: str):
   config.data.name = DATASETS[args.num_classes]
   config.train.update(mode=mode, batch_size=args.batch)
   config.attack.update(norm="linf", eps=args.eps, num_steps=args.attack_steps)
-  return train.resolve_config(config)
+  return training.resolve_config(config)
 
 
 def machine_info() -> dict:
@@ -133,19 +133,19 @@ class Ours:
   def __init__(self, args, mode: str, mesh):
     import jax
     import numpy as np
-    from adv_soups import parallel, train
+    from adv_soups import parallel, training
     from adv_soups.models import create_model
     self.config = make_config(args, mode)
     model = create_model(self.config.model)
-    optimizer = train.make_optimizer(self.config.optimizer, self.config.train.steps)
-    self.state = jax.device_put(train.init_state(self.config, model, optimizer),
+    optimizer = training.make_optimizer(self.config.optimizer, self.config.train.steps)
+    self.state = jax.device_put(training.init_state(self.config, model, optimizer),
                                 parallel.replicated(mesh))
     rng = np.random.default_rng(0)
     size = args.image_size
     self.batch = parallel.shard_batch(mesh, {
         "image": rng.uniform(0, 1, (args.batch, size, size, 3)).astype(np.float32),
         "label": rng.integers(0, args.num_classes, (args.batch,)).astype(np.int32)})
-    step = train.make_train_step(self.config, model, optimizer, mesh)
+    step = training.make_train_step(self.config, model, optimizer, mesh)
     t0 = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0

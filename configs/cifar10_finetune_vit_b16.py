@@ -21,12 +21,12 @@ Our choices (the paper fine-tunes nothing): 0.01 for co-training, PGD-5 during t
 2.5 * eps / 5, label smoothing 0. Not measured here (no GPU): expect hours on one modern GPU at
 224 px; with `trainable=adapters` only the class tokens and the head train.
 """
-from adv_soups import config_base
+from adv_soups.training.config import base_config
 
 
 def get_config(arg=None):
   del arg
-  config = config_base.base_config()
+  config = base_config()
   config.model.update(variant="B/16", image_size=224, num_classes=10, adapter="token",
                       mean=(0.5,), std=(0.5,))  # the public files' [-1, 1] inputs
   config.data.update(name="cifar10", shuffle_buffer=20_000)

@@ -16,14 +16,14 @@ Expected, not measured here: clean mode ~88-92% clean accuracy; robust mode ~78-
 ~45-50% PGD-20 / ~40-46% AutoAttack accuracy at 8/255 (from-scratch adversarially trained ViTs
 of this size on CIFAR-10 in the literature), on the 10k test images.
 """
-from adv_soups import config_base
+from adv_soups.training.config import base_config
 
 CIFAR10_TRAIN_IMAGES = 50_000
 
 
 def get_config(arg=None):
   del arg
-  config = config_base.base_config()
+  config = base_config()
   batch = 512
   steps_per_epoch = CIFAR10_TRAIN_IMAGES // batch
   config.model.update(variant="S/4", image_size=32, num_classes=10, drop_path_rate=0.1)

@@ -8,11 +8,11 @@ level. Expected (measured, see README): clean mode ~98% clean accuracy, robust m
 ~78% PGD-20 / ~77% APGD-CE accuracy at eps 0.1.
 `get_config("mode=clean")` or `--config.train.mode=clean` selects another training mode.
 """
-from adv_soups import config_base
+from adv_soups.training.config import base_config
 
 
 def get_config(arg=None):
-  config = config_base.base_config()
+  config = base_config()
   config.seed = 0
   config.model.update(variant="tiny/2", image_size=8, num_classes=10, width=64, depth=2,
                       num_heads=4, mlp_dim=128)

@@ -16,14 +16,14 @@ Mixup 0.8 / CutMix 1.0 (DeiT's values, switched per batch with probability 0.5) 
 --config.data.mixup.cutmix_alpha=1.0 turns it on.
 Expected (paper): clean mode 83.76% top-1 on ImageNet. Cost: TPU-pod scale (days on v4-256).
 """
-from adv_soups import config_base
+from adv_soups.training.config import base_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg=None):
   del arg
-  config = config_base.base_config()
+  config = base_config()
   batch = 4096
   epochs = 300  # paper
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch

@@ -33,10 +33,10 @@ def tiny_digits_config(data_dir, **train_overrides):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """(workdir, data_dir) of a tiny digits co-training run, trained once per test session."""
-  from adv_soups import train
+  from adv_soups import training
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   workdir = str(tmp_path_factory.mktemp("trained") / "workdir")
-  train.train_and_evaluate(tiny_digits_config(data_dir), workdir)
+  training.train_and_evaluate(tiny_digits_config(data_dir), workdir)
   return workdir, data_dir
 
 
@@ -53,9 +53,9 @@ def write_untrained_workdir(workdir, config, step=1, noise=0.0, ema_noise=None):
   `ema_noise`, also an `ema_params` item (params + that much more noise). Returns the resolved
   config and the saved parameters {'params': ..., 'ema_params': ...}."""
   import jax
-  from adv_soups import checkpoints, train, workdir as workdir_lib
+  from adv_soups import checkpoints, training, workdir as workdir_lib
   from adv_soups.models import create_model, init_params
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   workdir_lib.save_config(str(workdir), config)
   params = init_params(create_model(config.model), jax.random.key(config.seed),
                        config.model.channels)

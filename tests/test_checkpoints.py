@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from adv_soups import checkpoints, loading, train
+from adv_soups import checkpoints, loading, training
 from adv_soups.models import create_model, init_params
 from conftest import tiny_digits_config, write_untrained_workdir
 
@@ -73,12 +73,12 @@ def test_a_structure_mismatch_is_raised_not_taken_for_damage(tmp_path):
 def test_training_resumes_from_the_step_before_a_damaged_one(tmp_path, caplog):
   config = tiny_digits_config(tmp_path / "tfds", steps=4, checkpoint_every=2, log_every=2)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   truncate_array_file(workdir, 4)
   os.remove(os.path.join(workdir, "FINISHED"))  # as if the run had died while saving step 4
   with caplog.at_level(logging.INFO):
-    result = train.train_and_evaluate(config, workdir)
+    result = training.train_and_evaluate(config, workdir)
   lines = warnings_about_damage(caplog)
   assert len(lines) == 1 and "checkpoint step 4" in lines[0] and "using step 2" in lines[0]
   assert any("Resumed from step 2" in r.getMessage() for r in caplog.records)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_soups import evaluate, loading, sweep, train
+from adv_soups import evaluate, loading, sweep, training
 from adv_soups.attacks import checks, robust_accuracy
 from adv_soups.evaluation import engine, periodic, requests, run
 from conftest import tiny_digits_config
@@ -103,8 +103,8 @@ def test_periodic_evaluation_measures_what_it_names(trained_run):
   loaded = loading.load(workdir)
   config = loaded.config
   config.evals = dict(
-      a=periodic.evaluator(every=10, attack="pgd", domains="clean,adversarial", num_examples=40),
-      b=periodic.evaluator(every=0, attack="none", domains="0.5", num_examples=40))
+      a=training.eval_entry(every=10, attack="pgd", domains="clean,adversarial", num_examples=40),
+      b=training.eval_entry(every=0, attack="none", domains="0.5", num_examples=40))
   periodic.validate(config)
   assert periodic.due(config, 20, last=False) == ["a"]
   assert periodic.due(config, 21, last=True) == ["a", "b"]
@@ -129,7 +129,7 @@ def test_periodic_evaluation_clamps_num_examples_to_the_split(trained_run, caplo
   workdir, _ = trained_run
   loaded = loading.load(workdir)
   config = loaded.config
-  config.evals = dict(big=periodic.evaluator(attack="none", domains="clean", num_examples=5000))
+  config.evals = dict(big=training.eval_entry(attack="none", domains="clean", num_examples=5000))
   with caplog.at_level("WARNING"):
     metrics = periodic.evaluate(config, loaded.model, loaded.params, loaded.step)
   notes = [r.getMessage() for r in caplog.records if "exceeds" in r.getMessage()]
@@ -151,9 +151,9 @@ def test_evals_config_is_checked_before_training(entry, message, tmp_path):
   for key, value in entry.items():
     config.evals.val[key] = value
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-    train.resolve_config(config)
-  config.evals.val = periodic.evaluator(num_examples=10)
-  train.resolve_config(config)  # a good entry passes
+    training.resolve_config(config)
+  config.evals.val = training.eval_entry(num_examples=10)
+  training.resolve_config(config)  # a good entry passes
 
 
 # ------------------------------------------------------------------------------------------------

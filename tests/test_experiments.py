@@ -25,11 +25,11 @@ SETTINGS = dict(adapters=("token", "norm"), seeds=1, attack="apgd-ce", steps=2, 
 def experiment(tmp_path_factory, data_dir):
   """Runs the tiny experiment three times: killed during its second run, resumed, re-run.
   Returns (workdir, data_dir, base config, {phase: train calls}, {phase: evaluations}, results)."""
-  from adv_soups import evaluation, preemption, train
+  from adv_soups import evaluation, preemption, training
   from adv_soups.experiments import adapters
   workdir = str(tmp_path_factory.mktemp("experiment") / "dir")
   base = _tiny(data_dir)
-  real_train, real_eval = train.train_and_evaluate, evaluation.run_request
+  real_train, real_eval = training.train_and_evaluate, evaluation.run_request
   calls = {"train": [], "eval": []}
 
   def counting_train(config, run_dir, *args, **kwargs):
@@ -48,7 +48,7 @@ def experiment(tmp_path_factory, data_dir):
     return real_eval(request, *args, **kwargs)
 
   mp = pytest.MonkeyPatch()
-  mp.setattr(train, "train_and_evaluate", counting_train)
+  mp.setattr(training, "train_and_evaluate", counting_train)
   mp.setattr(evaluation, "run_request", counting_eval)
   counts = {}
   try:

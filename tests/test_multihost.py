@@ -59,7 +59,7 @@ def worker(out: str, num_processes: int, process_id: int, port: int, data_dir: s
     parallel.initialize(f"127.0.0.1:{port}", num_processes, process_id)
   import jax
   assert jax.process_count() == num_processes and jax.device_count() == 4  # before conftest's 8
-  from adv_soups import data as data_lib, train
+  from adv_soups import data as data_lib, training
   from adv_soups.data import pipeline
   from adv_soups.models import create_model
   from conftest import tiny_digits_config
@@ -68,12 +68,12 @@ def worker(out: str, num_processes: int, process_id: int, port: int, data_dir: s
   # bug cannot hide (AdamW would), and the first update gives the gradient itself.
   config.optimizer.update(name="sgd", momentum=0.9, learning_rate=LR, schedule="constant",
                           warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  step_fn = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  step_fn = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   rng = np.random.default_rng(0)
   batches = [{"image": rng.uniform(size=(GLOBAL_BATCH, 8, 8, 1)).astype(np.float32),
               "label": rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)} for _ in range(STEPS)]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adv_soups import parallel, preemption, train, training_cli, workdir as workdir_lib
+from adv_soups import parallel, preemption, training, training_cli, workdir as workdir_lib
 from adv_soups.data import pipeline
 from conftest import tiny_digits_config
 
@@ -39,15 +39,15 @@ def test_resume_allows_trajectory_neutral_fields_and_refuses_the_rest():
 
 
 def test_prepare_workdir_says_which_fields_changed_in_one_line_or_refuses(tmp_path, capsys):
-  config = train.resolve_config(tiny_digits_config(tmp_path / "tfds"))
+  config = training.resolve_config(tiny_digits_config(tmp_path / "tfds"))
   workdir = str(tmp_path / "run")
   workdir_lib.save_config(workdir, config)
-  train.prepare_workdir(config, workdir, overwrite=False)
+  training.prepare_workdir(config, workdir, overwrite=False)
   assert capsys.readouterr().err == ""  # the same config: nothing to say
   changed = config.copy_and_resolve_references()
   changed.data.data_dir = str(tmp_path / "elsewhere")
   changed.evals.val.every = 3
-  train.prepare_workdir(changed, workdir, overwrite=False)
+  training.prepare_workdir(changed, workdir, overwrite=False)
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "leave its trajectory alone" in err[0]
   assert "data.data_dir" in err[0] and "evals.val.every: 0 -> 3" in err[0]
@@ -56,7 +56,7 @@ def test_prepare_workdir_says_which_fields_changed_in_one_line_or_refuses(tmp_pa
     section, name = field.split(".")
     other[section][name] = value
     with pytest.raises(ValueError, match=f"{field}: .* -> {value}"):
-      train.prepare_workdir(other, workdir, overwrite=False)
+      training.prepare_workdir(other, workdir, overwrite=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,12 +84,12 @@ def test_sigterm_saves_the_step_stops_and_the_rerun_finishes(tmp_path, monkeypat
     return batch
 
   monkeypatch.setattr(pipeline.TrainIterator, "__next__", next_then_sigterm)
-  result = train.train_and_evaluate(config, workdir)
+  result = training.train_and_evaluate(config, workdir)
   assert result.preempted_at == 3 and int(result.state.step) == 3
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
   assert not preemption.is_finished(workdir)
   monkeypatch.setattr(pipeline.TrainIterator, "__next__", real_next)
-  result = train.train_and_evaluate(config, workdir)
+  result = training.train_and_evaluate(config, workdir)
   assert result.preempted_at is None and int(result.state.step) == 8
   assert preemption.is_finished(workdir)
   with open(os.path.join(workdir, preemption.FINISHED_FILE)) as f:
@@ -145,7 +145,7 @@ def test_train_rejects_an_incomplete_multi_process_setting_with_exit_2(tmp_path)
 
 
 def test_importing_train_and_demo_defines_no_flags():
-  """train.train_and_evaluate is a library function: the programs' flags live in
+  """training.train_and_evaluate is a library function: the programs' flags live in
   training_cli.define_flags()."""
   code = ("from absl import flags; import adv_soups.train, adv_soups.demo, "
           "adv_soups.experiments.adapters; "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from adv_soups import checkpoints, data as data_lib, parallel, train
+from adv_soups import checkpoints, data as data_lib, parallel, training
 from adv_soups.models import create_model
 from configs import imagenet_vit_b16
 from conftest import tiny_digits_config
@@ -23,20 +23,20 @@ def data_dir(tmp_path_factory):
 def test_attack_schedule_ramps_eps_and_step_size():
   attack = ml_collections.ConfigDict(dict(eps=0.08, step_size=0.02, eps_warmup_steps=4))
   for step, scale in ((0, 0.0), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
-    eps, step_size = train.attack_schedule(attack, jnp.asarray(step, jnp.int32))
+    eps, step_size = training.attack_schedule(attack, jnp.asarray(step, jnp.int32))
     assert float(eps) == pytest.approx(0.08 * scale) and \
         float(step_size) == pytest.approx(0.02 * scale)
   attack.eps_warmup_steps = 0
-  assert train.attack_schedule(attack, jnp.asarray(3)) == (0.08, 0.02)  # off: the floats
+  assert training.attack_schedule(attack, jnp.asarray(3)) == (0.08, 0.02)  # off: the floats
 
 
 def _step_and_state(config):
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(
       config.data, global_batch_size=config.train.batch_size, seed=0)))
   return step, state, batch
@@ -81,7 +81,7 @@ def test_bad_recipe_values_raise_one_clear_error(data_dir, field, value, match):
     target = target[part]
   target[name] = value
   with pytest.raises(ValueError, match=match):
-    train.resolve_config(config)
+    training.resolve_config(config)
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_resume_with_randaugment_and_mixup_equals_an_uninterrupted_run(data_dir,
   config.data.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
   config.attack.eps_warmup_steps = 4
   config.eval.update(num_examples=8, batch_size=8, attack_steps=1)
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = training.train_and_evaluate(config, str(tmp_path / "full"))
   crashed = tmp_path / "crashed"
   shutil.copytree(tmp_path / "full", crashed)  # the same run, then a crash after step 3
   manager = checkpoints.Checkpoints(str(crashed))
@@ -99,7 +99,7 @@ def test_resume_with_randaugment_and_mixup_equals_an_uninterrupted_run(data_dir,
   manager._manager.delete(6)
   manager.close()
   shutil.rmtree(crashed / "data_state" / "6")
-  resumed = train.train_and_evaluate(config, str(crashed))
+  resumed = training.train_and_evaluate(config, str(crashed))
   assert int(resumed.state.step) == 6
   for a, b in zip(jax.tree.leaves((resumed.state.params, resumed.state.opt_state)),
                   jax.tree.leaves((full.state.params, full.state.opt_state))):
@@ -113,15 +113,15 @@ def test_imagenet_recipe_step_lowers_on_mock_data_with_everything_on(tmp_path):
   assert config.data.mixup.mixup_alpha == 0.0  # present but off by default
   config.data.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
   config.train.batch_size = 16
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   model = create_model(config.model)
   with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path)):
     batch = next(data_lib.train_iterator(config.data, global_batch_size=16, seed=0))
   assert batch["image"].shape == (16, 224, 224, 3) and batch["image"].dtype == np.float32
   mesh = parallel.make_mesh()
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.eval_shape(lambda: train.init_state(config, model, optimizer))
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.eval_shape(lambda: training.init_state(config, model, optimizer))
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   text = step.lower(state, shapes).as_text()
   assert "stablehlo.while" in text

@@ -12,7 +12,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from adv_soups import checkpoints, data as data_lib, parallel, train, training_cli
+from adv_soups import checkpoints, data as data_lib, parallel, training, training_cli
 from adv_soups import workdir as workdir_lib
 from adv_soups.attacks.pgd import pgd
 from adv_soups.evaluation import periodic
@@ -45,17 +45,17 @@ def params_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("mode", train.MODES)
+@pytest.mark.parametrize("mode", training.MODES)
 def test_a_few_steps_of_each_mode_lower_the_loss(mode, data_dir):
   config = small_config(data_dir, mode)
   config.attack.eps = 0.03  # a tiny ViT from scratch collapses under eps 0.1 in 30 steps
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   config.optimizer.update(warmup_steps=0, schedule="constant", learning_rate=5e-3)
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, 30)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  optimizer = training.make_optimizer(config.optimizer, 30)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   # One fixed batch of real digits: the step must fit it (fresh batches learn too slowly for a
   # fast test, adversarially above all).
   batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(config.data,
@@ -74,7 +74,7 @@ def test_a_few_steps_of_each_mode_lower_the_loss(mode, data_dir):
 def test_cotrain_step_on_8_devices_matches_1_device(data_dir):
   """SGD without clipping, so parameters differ by exactly lr * gradient differences (AdamW's
   scale invariance would hide a gradient that is N times too large)."""
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   config.optimizer.update(name="sgd", momentum=0.0, grad_clip_norm=0.0, weight_decay=0.0,
                           warmup_steps=0, schedule="constant", learning_rate=0.5)
   model = create_model(config.model)
@@ -82,9 +82,9 @@ def test_cotrain_step_on_8_devices_matches_1_device(data_dir):
   results = {}
   for n in (1, 8):
     mesh = parallel.make_mesh(jax.devices()[:n])
-    optimizer = train.make_optimizer(config.optimizer, 10)
-    step = train.make_train_step(config, model, optimizer, mesh)
-    state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+    optimizer = training.make_optimizer(config.optimizer, 10)
+    step = training.make_train_step(config, model, optimizer, mesh)
+    state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
     for _ in range(2):
       state, metrics = step(state, parallel.shard_batch(mesh, batch))
     results[n] = (jax.device_get(state.params), float(metrics["grad_norm"]))
@@ -98,16 +98,16 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(data_dir, tmp_path):
   bit-identical to the uninterrupted run's (mutation: leave `ema_params` out of the restore)."""
   config = small_config(data_dir)
   config.optimizer.ema_decay = 0.9
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = training.train_and_evaluate(config, str(tmp_path / "full"))
   # Simulate a crash after the step-3 checkpoint: drop everything step 6 wrote.
   crashed = tmp_path / "crashed"
-  train.train_and_evaluate(config, str(crashed))
+  training.train_and_evaluate(config, str(crashed))
   manager = checkpoints.Checkpoints(str(crashed))
   assert manager.all_steps() == [3, 6]
   manager._manager.delete(6)
   manager.close()
   shutil.rmtree(crashed / "data_state" / "6")
-  resumed = train.train_and_evaluate(config, str(crashed))
+  resumed = training.train_and_evaluate(config, str(crashed))
   assert int(resumed.state.step) == 6
   params_close(resumed.state.params, full.state.params, atol=0)
   params_close(resumed.state.opt_state, full.state.opt_state, atol=0)
@@ -118,12 +118,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_config_json_round_trips(data_dir, tmp_path):
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   workdir_lib.save_config(str(tmp_path), config)
   loaded = workdir_lib.load_config(str(tmp_path))
   assert workdir_lib.config_to_dict(loaded) == workdir_lib.config_to_dict(config)
   # A loaded config is already resolved: resolving it again changes nothing.
-  assert workdir_lib.config_to_dict(train.resolve_config(loaded)) == \
+  assert workdir_lib.config_to_dict(training.resolve_config(loaded)) == \
       workdir_lib.config_to_dict(config)
   create_model(loaded.model)
 
@@ -147,10 +147,10 @@ def test_nonfinite_loss_stops_training_without_saving_it(data_dir, tmp_path, mon
     def __getattr__(self, name):
       return getattr(self.inner, name)
 
-  monkeypatch.setattr(train.data_lib, "train_iterator", Poisoned)
+  monkeypatch.setattr(training.loop.data_lib, "train_iterator", Poisoned)
   config = small_config(data_dir, checkpoint_every=2)
   with pytest.raises(FloatingPointError, match="at step 5"):
-    train.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path))
   assert checkpoints.Checkpoints(str(tmp_path)).all_steps() == [2, 4]
 
 
@@ -163,7 +163,7 @@ def test_bad_config_values_raise_one_clear_error(group, field, value, data_dir):
   config = small_config(data_dir)
   config[group][field] = value
   with pytest.raises(ValueError, match=str(value)):
-    train.resolve_config(config)
+    training.resolve_config(config)
 
 
 @pytest.mark.slow
@@ -197,10 +197,10 @@ def test_a_field_nothing_reads_is_refused(data_dir):
   config.train.eval_every = 100
   with pytest.raises(ValueError, match=r"config\.train\.eval_every is not a field .* "
                      r"config\.train has: adv_weight, batch_size"):
-    train.resolve_config(config)
+    training.resolve_config(config)
   config = small_config(data_dir)
-  config.evals.extra = periodic.evaluator(every=3)  # entries of config.evals are named freely
-  assert "extra" in train.resolve_config(config).evals
+  config.evals.extra = training.eval_entry(every=3)  # entries of config.evals are named freely
+  assert "extra" in training.resolve_config(config).evals
 
 
 def test_overrides_parse_in_process_whatever_sys_argv_holds(data_dir, tmp_path):
@@ -222,15 +222,15 @@ def test_fraction_overrides_become_numbers():
 
 
 def test_a_different_config_is_refused_unless_overwrite(data_dir, tmp_path):
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   workdir = str(tmp_path / "run")
   workdir_lib.save_config(workdir, config)
-  train.prepare_workdir(config, workdir, overwrite=False)  # same config: resume
+  training.prepare_workdir(config, workdir, overwrite=False)  # same config: resume
   other = config.copy_and_resolve_references()
   other.train.steps = 7
   with pytest.raises(ValueError, match="train.steps: 6 -> 7"):
-    train.prepare_workdir(other, workdir, overwrite=False)
-  train.prepare_workdir(other, workdir, overwrite=True)
+    training.prepare_workdir(other, workdir, overwrite=False)
+  training.prepare_workdir(other, workdir, overwrite=True)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
   moved = os.listdir(os.path.join(workdir, "previous_runs"))
   assert len(moved) == 1
@@ -241,7 +241,7 @@ def test_a_different_config_is_refused_unless_overwrite(data_dir, tmp_path):
 def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_path):
   config = imagenet_vit_b16.get_config()
   config.train.batch_size = 8
-  config = train.resolve_config(config)
+  config = training.resolve_config(config)
   model = create_model(config.model)
   assert (model.width, model.depth, model.patch_size, model.adapter) == (768, 12, 16, "token")
   assert config.attack.eps == pytest.approx(4 / 255)
@@ -249,9 +249,9 @@ def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_pat
     batch = next(data_lib.train_iterator(config.data, global_batch_size=8, seed=0))
   assert batch["image"].shape == (8, 224, 224, 3)
   mesh = parallel.make_mesh()
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.eval_shape(lambda: train.init_state(config, model, optimizer))
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.eval_shape(lambda: training.init_state(config, model, optimizer))
   batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   lowered = step.lower(state, batch_shapes)  # traces PGD + the update for ViT-B/16
   out_state, metrics = jax.eval_shape(step, state, batch_shapes)
@@ -263,10 +263,10 @@ def test_imagenet_config_builds_vit_b16_and_its_step_lowers_on_mock_data(tmp_pat
 
 def test_weight_decay_only_on_kernels(data_dir):
   """With zero gradients AdamW's update is pure decoupled decay: non-zero exactly on kernels."""
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   config.optimizer.update(warmup_steps=0, schedule="constant", weight_decay=0.1)
-  optimizer = train.make_optimizer(config.optimizer, 10)
-  params = train.init_state(config, create_model(config.model), optimizer).params
+  optimizer = training.make_optimizer(config.optimizer, 10)
+  params = training.init_state(config, create_model(config.model), optimizer).params
   params = jax.tree.map(lambda x: x + 1.0, params)  # no zero leaves (the head starts at zero)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zeros, optimizer.init(params), params)
@@ -286,7 +286,7 @@ def test_weight_decay_only_on_kernels(data_dir):
 @pytest.fixture(scope="module")
 def digits_batch(data_dir):
   """One training batch of 64 real digits (host numpy)."""
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   return next(data_lib.train_iterator(config.data, global_batch_size=64, seed=0))
 
 
@@ -313,9 +313,9 @@ def run_steps(config, batch, num_steps, params_fn=None):
   """
   mesh = parallel.make_mesh()
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, 10)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = train.init_state(config, model, optimizer)
+  optimizer = training.make_optimizer(config.optimizer, 10)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = training.init_state(config, model, optimizer)
   if params_fn is not None:
     params = params_fn(state.params)
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
@@ -363,7 +363,7 @@ def token_rows(state):
 @pytest.fixture(scope="module")
 def cotrain_adv_only(data_dir, digits_batch):
   """cotrain, clean_weight 0, adv_weight 2, EMA 0.9, plain SGD: 2 steps from random params."""
-  config = train.resolve_config(small_config(data_dir, clean_weight=0.0, adv_weight=2.0))
+  config = training.resolve_config(small_config(data_dir, clean_weight=0.0, adv_weight=2.0))
   config.optimizer.ema_decay = 0.9
   config = plain_sgd(config)
   return (config,) + run_steps(config, digits_batch, 2, randomized)
@@ -372,7 +372,7 @@ def cotrain_adv_only(data_dir, digits_batch):
 @pytest.fixture(scope="module")
 def cotrain_clean_only(data_dir, digits_batch):
   """cotrain, clean_weight 0.5, adv_weight 0, plain SGD: 1 step from random params."""
-  config = plain_sgd(train.resolve_config(small_config(data_dir, clean_weight=0.5,
+  config = plain_sgd(training.resolve_config(small_config(data_dir, clean_weight=0.5,
                                                        adv_weight=0.0)))
   return (config,) + run_steps(config, digits_batch, 1, randomized)
 
@@ -388,7 +388,7 @@ def test_ema_tracks_the_parameters(cotrain_adv_only):
     expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, states[k - 1].ema_params,
                             states[k].params)
     params_close(states[k].ema_params, expected, atol=1e-6)
-  assert train._eval_params(states[2]) is states[2].ema_params
+  assert training.loop._eval_params(states[2]) is states[2].ema_params
 
 
 def test_cotrain_crafts_pgd_against_the_adversarial_adapter(cotrain_adv_only, digits_batch):
@@ -425,9 +425,9 @@ def test_clean_mode_never_attacks_and_smooths_labels(data_dir, digits_batch, mon
   """clean mode: PGD is never traced; its loss is the label-smoothed CE computed here from the
   model's logits, q = (1 - s) one_hot + s / K (mutation: smoothing ignored)."""
   calls = []
-  monkeypatch.setattr(train, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  monkeypatch.setattr(training.step, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
   s = 0.2
-  config = plain_sgd(train.resolve_config(small_config(data_dir, "clean", label_smoothing=s)))
+  config = plain_sgd(training.resolve_config(small_config(data_dir, "clean", label_smoothing=s)))
   model, states, metrics = run_steps(config, digits_batch, 1, randomized)
   assert calls == []
   logits = np.asarray(model.apply({"params": states[0].params}, digits_batch["image"],
@@ -445,8 +445,8 @@ def test_adversarial_mode_trains_on_pgd_points(data_dir, digits_batch, monkeypat
   """adversarial mode: the loss is CE at PGD points against the one domain (same key), which is
   far from the CE at the clean images (mutation: `inputs = images` in that branch)."""
   calls = []
-  monkeypatch.setattr(train, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
-  config = plain_sgd(train.resolve_config(small_config(data_dir, "adversarial")))
+  monkeypatch.setattr(training.step, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  config = plain_sgd(training.resolve_config(small_config(data_dir, "adversarial")))
   model, states, metrics = run_steps(config, digits_batch, 1, randomized)
   assert len(calls) == 1
   run = pgd_and_ce(config, model)
@@ -465,7 +465,7 @@ def test_grad_clip_norm_clips_the_global_norm():
   opt = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0,
                                        schedule="constant", learning_rate=1.0, grad_clip_norm=0.5,
                                        b1=0.9, b2=0.999))
-  optimizer = train.make_optimizer(opt, 10)
+  optimizer = training.make_optimizer(opt, 10)
   params = {"a": jnp.zeros(3), "dense": {"kernel": jnp.zeros((2, 2))}}
   for scale, factor in ((1.0, 0.5 / 5.0), (0.01, 1.0)):  # |g| = 5 (clipped), 0.05 (not)
     grads = {"a": scale * jnp.array([3.0, 0.0, 0.0]),
@@ -489,13 +489,13 @@ def test_learning_rate_schedule_follows_the_formula(schedule):
     if schedule == "constant":
       return peak
     return peak * 0.5 * (1 + np.cos(np.pi * (k - w) / (total - w)))
-  lr = train.learning_rate_schedule(opt, total)
+  lr = training.learning_rate_schedule(opt, total)
   assert float(lr(0)) == 0.0 and float(lr(w)) == pytest.approx(peak)
   assert float(lr(w // 2)) == pytest.approx(peak / 2)
   assert float(lr(total)) == pytest.approx(0.0 if schedule == "cosine" else peak, abs=1e-7)
   if schedule == "cosine":
     assert float(lr((w + total) // 2)) == pytest.approx(peak / 2)
-  optimizer = train.make_optimizer(opt, total)
+  optimizer = training.make_optimizer(opt, total)
   params = {"a": jnp.zeros(2)}
   state = optimizer.init(params)
   for k in range(total + 1):
@@ -541,13 +541,13 @@ def _while_bodies_have_collectives(hlo: str) -> tuple[int, bool]:
 
 def test_train_step_pgd_loop_has_no_collective(data_dir):
   """On 8 devices the only collective is the gradient all-reduce; each device attacks its shard."""
-  config = train.resolve_config(small_config(data_dir))
+  config = training.resolve_config(small_config(data_dir))
   mesh = parallel.make_mesh()
   assert mesh.devices.size == 8
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, 10)
-  step = train.make_train_step(config, model, optimizer, mesh)
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  optimizer = training.make_optimizer(config.optimizer, 10)
+  step = training.make_train_step(config, model, optimizer, mesh)
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   batch = parallel.shard_batch(mesh, next(data_lib.train_iterator(config.data,
                                                                   global_batch_size=64, seed=0)))
   hlo = step.lower(state, batch).compile().as_text()

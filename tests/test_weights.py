@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from adv_soups import checkpoints, export, loading, parallel, soups, train
+from adv_soups import checkpoints, export, loading, parallel, soups, training
 from adv_soups.models import create_model, init_params, npz
 from conftest import tiny_digits_config, write_untrained_workdir
 
@@ -252,7 +252,7 @@ def test_a_missing_file_is_one_line(tmp_path):
 def test_adapters_training_keeps_every_shared_parameter_bit_identical(tmp_path):
   config = tiny_digits_config(tmp_path / "tfds", trainable="adapters", steps=4, batch_size=16)
   config.attack.num_steps = 1  # the backbone is attacked all the same; keeps the compile small
-  raw_model = create_model(train.resolve_config(config).model)
+  raw_model = create_model(training.resolve_config(config).model)
   rng = np.random.RandomState(0)
   source = jax.tree.map(lambda x: (0.1 * rng.randn(*x.shape)).astype(np.float32),
                         jax.eval_shape(lambda: init_params(raw_model, jax.random.key(3), 1)))
@@ -260,12 +260,12 @@ def test_adapters_training_keeps_every_shared_parameter_bit_identical(tmp_path):
   path = str(tmp_path / "start.npz")
   npz.write_npz(path, npz.export_arrays(soups.interpolate(source, [1.0, 0.0])))
   config.model.init_from = path
-  config = train.resolve_config(config)
-  assert config.train.trainable == train.ADAPTERS_REGEX  # the head comes from the file
+  config = training.resolve_config(config)
+  assert config.train.trainable == training.ADAPTERS_REGEX  # the head comes from the file
   model = create_model(config.model)
-  optimizer = train.make_optimizer(config.optimizer, config.train.steps, config.train.trainable)
+  optimizer = training.make_optimizer(config.optimizer, config.train.steps, config.train.trainable)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state = jax.device_put(train.init_state(config, model, optimizer), parallel.replicated(mesh))
+  state = jax.device_put(training.init_state(config, model, optimizer), parallel.replicated(mesh))
   start = jax.tree.map(np.array, state.params)
   np.testing.assert_array_equal(start["block00"]["mlp"]["Dense_0"]["kernel"],
                                 source["block00"]["mlp"]["Dense_0"]["kernel"])
@@ -273,7 +273,7 @@ def test_adapters_training_keeps_every_shared_parameter_bit_identical(tmp_path):
   # No optimizer state for the frozen leaves: Adam's two moments cover the tokens only.
   state_size = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert state_size == 2 * start["cls_token"]["domain_cls"].size
-  step = train.make_train_step(config, model, optimizer, mesh)
+  step = training.make_train_step(config, model, optimizer, mesh)
   for _ in range(3):
     batch = {"image": rng.rand(16, 8, 8, 1).astype(np.float32),
              "label": rng.randint(0, 10, 16).astype(np.int32)}
@@ -291,11 +291,11 @@ def test_adapters_training_keeps_every_shared_parameter_bit_identical(tmp_path):
   # everything, whose extra ones are the backbone's weight gradients.
   all_config = config.copy_and_resolve_references()
   all_config.train.trainable = "all"
-  all_optimizer = train.make_optimizer(all_config.optimizer, 4)
-  all_state = jax.eval_shape(lambda: train.init_state(all_config, model, all_optimizer))
+  all_optimizer = training.make_optimizer(all_config.optimizer, 4)
+  all_state = jax.eval_shape(lambda: training.init_state(all_config, model, all_optimizer))
   count = lambda text: text.count("dot_general")
   frozen_dots = count(step.lower(state, batch).as_text())
-  all_dots = count(train.make_train_step(all_config, model, all_optimizer, mesh)
+  all_dots = count(training.make_train_step(all_config, model, all_optimizer, mesh)
                    .lower(all_state, batch).as_text())
   assert frozen_dots < all_dots
   manager = checkpoints.Checkpoints(str(tmp_path / "run"))  # the masked state checkpoints
@@ -314,7 +314,7 @@ def test_clipping_sees_only_the_trainable_parameters():
             "tok": {"domain_cls": np.zeros(3, np.float32)}}
   grads = {"frozen": {"kernel": np.full(4, 100.0, np.float32)},
            "tok": {"domain_cls": np.array([0.3, 0.4, 0.0], np.float32)}}  # norm 0.5: unclipped
-  tx = train.make_optimizer(opt, 10, "adapters")
+  tx = training.make_optimizer(opt, 10, "adapters")
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["tok"]["domain_cls"], [-0.3, -0.4, 0.0], rtol=1e-6)
   np.testing.assert_array_equal(updates["frozen"]["kernel"], 0.0)
@@ -326,7 +326,7 @@ def test_clipping_sees_only_the_trainable_parameters():
 ])
 def test_bad_trainable_is_one_line(trainable, expected, tmp_path):
   with pytest.raises(ValueError, match=expected):
-    train.resolve_config(tiny_digits_config(tmp_path, trainable=trainable))
+    training.resolve_config(tiny_digits_config(tmp_path, trainable=trainable))
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
-from ml_collections.config_dict import placeholder
 
 from adv_soups import data as data_lib
 from adv_soups import soups
@@ -31,22 +30,11 @@ from adv_soups.attacks import suites
 from adv_soups.evaluation import engine
 from adv_soups.evaluation import requests as requests_lib
 from adv_soups.evaluation import run as run_lib
+from adv_soups.training.config import eval_entry as evaluator  # one entry with every field
 
 FIELDS = ("every", "attack", "steps", "domains", "dataset", "split", "num_examples",
           "batch_size", "eps")
 _noted: set[tuple] = set()
-
-
-def evaluator(every: int = 500, attack: str = "pgd", domains: str = "clean,adversarial",
-              **overrides: Any) -> ml_collections.ConfigDict:
-  """One `config.evals` entry with every field present (None fields are typed placeholders, so
-  each can be overridden from the command line: --config.evals.val.num_examples=1000)."""
-  entry = ml_collections.ConfigDict(dict(
-      every=every, attack=attack, domains=domains, steps=placeholder(int),
-      dataset=placeholder(str), split=placeholder(str), num_examples=placeholder(int),
-      batch_size=placeholder(int), eps=placeholder(float)))
-  entry.update(overrides)
-  return entry
 
 
 def parse_domains(text: str, num_domains: int) -> tuple[np.ndarray, list[str]]:

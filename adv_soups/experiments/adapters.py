@@ -41,7 +41,7 @@ import tensorflow as tf
 from adv_soups import cli
 from adv_soups import preemption
 from adv_soups import soups
-from adv_soups import train, training_cli
+from adv_soups import training, training_cli
 from adv_soups.attacks import suites
 from adv_soups.models import ADAPTERS, create_model
 
@@ -124,7 +124,7 @@ def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.Conf
   config.train.mode = run.mode
   config.model.adapter = run.adapter
   config.model.num_domains = 2 if run.mode == "cotrain" else 1
-  return train.resolve_config(config)
+  return training.resolve_config(config)
 
 
 def per_domain_params(model_config: ml_collections.ConfigDict, adapter: str) -> int:
@@ -156,11 +156,10 @@ def train_run(run: Run, config: ml_collections.ConfigDict, workdir: str) -> floa
   if preemption.is_finished(workdir):
     return None
   start = time.time()
-  result = train.train_and_evaluate(config, workdir)
+  result = training.train_and_evaluate(config, workdir)
   if result.preempted_at is not None:
-    print(f"preempted: {workdir} saved step {result.preempted_at}; run the same command to "
-          "resume", file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    preemption.exit_preempted(workdir, result.preempted_at, config.train.steps,
+                              jax.process_index())
   seconds = time.time() - start
   if jax.process_index() == 0:
     _write_text(os.path.join(workdir, TIMING_FILE), json.dumps(dict(train_wall_s=seconds)))
@@ -345,7 +344,7 @@ def check_experiment(base: ml_collections.ConfigDict, workdir: str, adapters: Se
   configs = {}
   for run in runs:
     configs[run.name] = run_config(base, run)
-    train.prepare_workdir(configs[run.name], os.path.join(workdir, run.name), overwrite=False)
+    training.prepare_workdir(configs[run.name], os.path.join(workdir, run.name), overwrite=False)
   return runs, selected, configs
 
 
