@@ -145,17 +145,27 @@ def check_exclusive(config: ml_collections.ConfigDict, base: ml_collections.Conf
                      "threat its weight in config.threats.NAME.weight")
 
 
+def resolved(threats: dict[str, dict]) -> ml_collections.ConfigDict:
+  """`config.threats` of a resolved config from `normalise`'s output: in order, each entry with
+  its step_size (2.5 * eps / num_steps when None) and its `domain` (1, 2, ...) filled."""
+  out = {}
+  for i, (name, threat_) in enumerate(threats.items(), start=1):
+    entry = dict(threat_, domain=i)
+    if entry["step_size"] is None:
+      entry["step_size"] = 2.5 * entry["eps"] / entry["num_steps"]
+    out[name] = entry
+  return ordered(out)
+
+
 def resolve(config: ml_collections.ConfigDict) -> dict[str, dict]:
-  """Validates and fills `config.threats` in place where set (each entry's step_size = 2.5 * eps /
-  num_steps when None, and its `domain`); returns `normalise(config)` with step sizes filled."""
+  """Validates and fills `config.threats` in place where set (`resolved`); returns
+  `normalise(config)` with step sizes filled."""
   threats = normalise(config)
-  for threat_ in threats.values():
-    if threat_["step_size"] is None:
-      threat_["step_size"] = 2.5 * threat_["eps"] / threat_["num_steps"]
+  filled = resolved(threats)
   if has_threats(config):
-    config.threats = ordered(
-        {name: dict(t, domain=i) for i, (name, t) in enumerate(threats.items(), start=1)})
-  return threats
+    config.threats = filled
+  return {name: {k: v for k, v in entry.items() if k != "domain"}
+          for name, entry in filled.to_dict().items()}
 
 
 def names(config: Any) -> list[str]:

@@ -18,7 +18,7 @@ These settings leave the training trajectory alone, so a resumed run may change 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -26,6 +26,7 @@ from absl import logging
 
 from adv_soups import data as data_lib
 from adv_soups import soups
+from adv_soups import threats as threats_lib
 from adv_soups.attacks import suites
 from adv_soups.evaluation import engine
 from adv_soups.evaluation import requests as requests_lib
@@ -37,35 +38,45 @@ FIELDS = ("every", "attack", "steps", "domains", "dataset", "split", "num_exampl
 _noted: set[tuple] = set()
 
 
-def parse_domains(text: str, num_domains: int) -> tuple[np.ndarray, list[str]]:
+def parse_domains(text: str, num_domains: int, threat_names: Sequence[str] = ()
+                  ) -> tuple[np.ndarray, list[str]]:
   """'clean,adversarial,0.5' -> (columns int [A] or weights [A, D], labels). ValueError for a
-  bad token. A single-domain model has one column, domain 0, labelled 'model'."""
+  bad token. A single-domain model has one column, domain 0, labelled 'model'. In a run with
+  threats (`threat_names`, domain i + 1 is threat_names[i]) a threat's name is its domain."""
   tokens = [t.strip() for t in str(text).split(",") if t.strip()]
+  allowed = ", ".join(["clean", "adversarial"] + list(threat_names)) + " or an alpha in [0, 1]"
   if not tokens:
-    raise ValueError(f"domains={text!r} is empty: allowed a comma list of clean, adversarial "
-                     "and alphas in [0, 1]")
-  weights, labels = [], []
+    raise ValueError(f"domains={text!r} is empty: allowed a comma list of {allowed}")
+  rows, labels = [], []
   for t in tokens:
-    if t in ("clean", "adversarial"):
-      alpha = 0.0 if t == "clean" else 1.0
+    if t in ("clean", "adversarial") or t in threat_names:
+      domain = 0 if t == "clean" else 1 if t == "adversarial" else \
+          list(threat_names).index(t) + 1
+      row = np.eye(max(num_domains, 2), dtype=np.float32)[min(domain, max(num_domains, 2) - 1)]
     else:
       try:
         alpha = float(t)
       except ValueError:
-        raise ValueError(f"domains={text!r}: unknown model {t!r}; allowed clean, adversarial or "
-                         "an alpha in [0, 1]") from None
+        raise ValueError(f"domains={text!r}: unknown model {t!r}; allowed {allowed}") from None
       if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"domains={text!r}: alpha {t} is outside [0, 1]")
       t = f"alpha{alpha:g}"
+      row = np.pad(np.asarray(soups.mix_weights([alpha])[0], np.float32),
+                   (0, max(num_domains, 2) - 2))
     if t not in labels:
-      weights.append(alpha)
+      rows.append(row)
       labels.append(t)
   if num_domains == 1:
     return np.zeros([1], np.int32), ["model"]
-  if all(lab in ("clean", "adversarial") for lab in labels):
-    return np.asarray([0 if lab == "clean" else 1 for lab in labels], np.int32), labels
-  mix = np.asarray(soups.mix_weights(weights), np.float32)
-  return np.pad(mix, ((0, 0), (0, num_domains - 2))), labels
+  mix = np.stack(rows)
+  if all(lab == "clean" or lab == "adversarial" or lab in threat_names for lab in labels):
+    return np.argmax(mix, axis=1).astype(np.int32), labels
+  return mix, labels
+
+
+def _threat_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The names of the run's threats when it lists them (config.threats), else none."""
+  return threats_lib.names(config) if threats_lib.has_threats(config) else []
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -93,7 +104,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"{where}.{field} must be an integer >= 1 (or None), got {value!r}")
     try:
-      parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
+      parse_domains(entry.get("domains", "clean"), int(config.model.num_domains),
+                    _threat_names(config))
     except ValueError as e:
       raise ValueError(f"{where}.{e}") from None
     dataset = entry.get("dataset", None) or config.data.name
@@ -106,9 +118,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"{where}.attack: {n} needs >= {suites.ATTACKS[n].min_classes} "
                          f"classes, {dataset!r} has {spec.num_classes}")
     eps = entry.get("eps", None)
-    if eps is not None and not (0 <= eps <= (1 if config.attack.norm == "linf" else np.inf)):
+    norms = {t["norm"] for t in threats_lib.normalise(config).values()}
+    if eps is not None and not all(0 <= eps <= (1 if n == "linf" else np.inf) for n in norms):
       raise ValueError(f"{where}.eps={eps} is outside the allowed range for "
-                       f"{config.attack.norm}")
+                       f"{', '.join(sorted(norms))}")
 
 
 def due(config: ml_collections.ConfigDict, step: int, last: bool) -> list[str]:
@@ -128,28 +141,38 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, step: int,
                                workdir=workdir)
   evals = config.get("evals", None) or {}
   metrics: dict[str, float] = {}
+  run_threats = threats_lib.normalise(config)
+  first = next(iter(run_threats))
   for name in (list(evals) if names is None else names):
     entry = evals[name]
-    columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains))
-    request = requests_lib.make_request(
-        workdir, attack=entry.get("attack", "none"), eps=entry.get("eps", None),
-        steps=entry.get("steps", None), dataset=entry.get("dataset", None),
-        split=entry.get("split", None), num_examples=entry.get("num_examples", None),
-        batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
-    request.columns, request.labels = columns, labels
-    _note_clamp(name, request)
-    spec = data_lib.get_spec(request.dataset)
-    rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
-                              len(labels))
-    result = engine.gather(engine.evaluate_columns(
-        model, params, request.batches(request.dataset, request.split, request.num_examples),
-        columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
-        norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
-        index_offset=request.offset(request.dataset, request.split, request.num_examples)))
+    columns, labels = parse_domains(entry.get("domains", "clean"), int(config.model.num_domains),
+                                    _threat_names(config))
+    # A threat's own domain is attacked with that threat (its norm, and its eps unless the entry
+    # sets one); every other column (clean, adversarial, soups) with the run's first threat.
+    groups: dict[str, list[int]] = {}
     for a, label in enumerate(labels):
-      metrics[f"{name}/{label}/clean_accuracy"] = float(result.clean_correct[:, a].mean())
-      if request.attacks:
-        metrics[f"{name}/{label}/robust_accuracy"] = float(result.robust[:, a].mean())
+      groups.setdefault(label if label in run_threats else first, []).append(a)
+    for threat, indices in groups.items():
+      request = requests_lib.make_request(
+          workdir, attack=entry.get("attack", "none"), norm=run_threats[threat]["norm"],
+          eps=run_threats[threat]["eps"] if entry.get("eps", None) is None else entry["eps"],
+          steps=entry.get("steps", None), dataset=entry.get("dataset", None),
+          split=entry.get("split", None), num_examples=entry.get("num_examples", None),
+          batch_size=entry.get("batch_size", None), alphas=[0.0], loaded=loaded)
+      request.columns, request.labels = columns[indices], [labels[a] for a in indices]
+      _note_clamp(name, request)
+      spec = data_lib.get_spec(request.dataset)
+      rows = run_lib.batch_rows(request, request.dataset, request.split, request.num_examples,
+                                len(indices))
+      result = engine.gather(engine.evaluate_columns(
+          model, params, request.batches(request.dataset, request.split, request.num_examples),
+          request.columns, attacks=request.attacks, budgets=request.budgets, eps=request.eps,
+          norm=request.norm, class_subset=spec.class_subset, seed=request.seed, batch_size=rows,
+          index_offset=request.offset(request.dataset, request.split, request.num_examples)))
+      for a, label in enumerate(request.labels):
+        metrics[f"{name}/{label}/clean_accuracy"] = float(result.clean_correct[:, a].mean())
+        if request.attacks:
+          metrics[f"{name}/{label}/robust_accuracy"] = float(result.robust[:, a].mean())
   return metrics
 
 

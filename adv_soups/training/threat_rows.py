@@ -63,7 +63,7 @@ def layout(threats: Mapping[str, dict], cotrain: bool = True) -> Layout:
 def schedule(threat: dict, step: jax.Array) -> tuple[Any, Any]:
   """(eps, step_size) of a threat's training attack at `step` (completed steps): both scaled by
   min(1, step / eps_warmup_steps) when that is > 0; the configured floats otherwise."""
-  warmup = threat.get("eps_warmup_steps", 0)
+  warmup = threat.get("eps_warmup_steps", 0) or 0
   if not warmup:
     return threat["eps"], threat["step_size"]
   scale = jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
