@@ -67,11 +67,13 @@ class ThreatSweep:
 def plan(workdir: str, weights: str | np.ndarray | None = None, *, attack: str = "pgd",
          extrapolate: bool = False, select_on: str | None = None,
          threat_names: Sequence[str] | None = None, loaded: Any = None,
-         **request_kwargs: Any) -> ThreatSweep:
+         threat_settings: dict[str, dict] | None = None, **request_kwargs: Any) -> ThreatSweep:
   """Checks a threat sweep of `workdir` and restores its model; compiles and writes nothing.
 
   weights: `--weights` text (default simplex:0.1) or an array [S, D]; request_kwargs: the
   `requests.make_request` arguments but eps / norm (each threat has its own) and the columns.
+  threat_settings: {name: {norm, eps}} to attack with instead of the run's own threats (e.g. a
+  clean-only or single-threat run measured against every threat of an experiment).
   ValueError / FileNotFoundError (one line) on a bad value.
   """
   for flag in ("eps", "norm", "alphas", "domain", "select_alpha_on"):
@@ -80,7 +82,7 @@ def plan(workdir: str, weights: str | np.ndarray | None = None, *, attack: str =
                        "run has its own norm and eps, and the soups are the weights")
     request_kwargs.pop(flag, None)
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
-  all_threats = threats_lib.normalise(config)
+  all_threats = threat_settings or threats_lib.normalise(config)
   names = list(all_threats) if threat_names is None else list(threat_names)
   unknown = [n for n in names if n not in all_threats]
   if unknown or not names:
@@ -181,7 +183,8 @@ def run(sweep: ThreatSweep, *, kind: str = "sweep", out_dir: str | None = None,
                                                    "budgets": dict(first.budgets),
                                                    "description": first.description},
       "threats": {t: {"norm": r.norm, "eps": r.eps} for t, r in sweep.requests.items()},
-      "domains": ["clean"] + list(threats_lib.normalise(first.config)),
+      "domains": (["clean"] + list(threats_lib.normalise(first.config)))
+                 if len(sweep.weights[0]) > 1 else ["model"],
       "results": rows, "best": best, "selection": selection, "notes": list(sweep.notes),
       "wall_time_s": time.time() - start}
   if write and jax.process_index() == 0:
