@@ -133,7 +133,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   from adv_soups.evaluation import periodic
   # Before the copy below, which sorts the threats' names (their order is the domains').
   threats = threats_lib.normalise(config) if threats_lib.has_threats(config) else None
-
+  threats_lib.check_exclusive(config, base_config())
   config = ml_collections.ConfigDict(config.to_dict())
   _check_known_fields(config.to_dict(), base_config().to_dict())
   train, opt, attack = config.train, config.optimizer, config.attack
