@@ -54,6 +54,7 @@ def old_workdir(data_dir, tmp_path_factory):
   return str(workdir), config
 
 
+@pytest.mark.slow
 def test_sweep_compiles_once_per_attack_and_norm(threats_workdir):
   """Threat b has threat a's norm and attack (eps is traced): evaluating it compiles nothing;
   threat c (l_2) compiles its own programs; a second grid of other weights compiles nothing.
@@ -78,6 +79,7 @@ def test_sweep_compiles_once_per_attack_and_norm(threats_workdir):
   assert run(None, grid) == 0
 
 
+@pytest.mark.slow
 def test_threat_sweep_report_columns_union_and_selection(threats_workdir, tmp_path):
   sweep_plan = threat_sweep.plan(threats_workdir, "simplex:0.5", attack="pgd", steps=2,
                                  num_examples=24, batch_size=96, threat_names=["a", "c"],
@@ -101,6 +103,7 @@ def test_threat_sweep_report_columns_union_and_selection(threats_workdir, tmp_pa
   assert "png" not in report["files"]  # four domains: no triangle
 
 
+@pytest.mark.slow
 def test_old_single_threat_workdir_evaluates_sweeps_loads_and_resumes(old_workdir, tmp_path):
   workdir, config = old_workdir
   saved = workdir_lib.load_config(workdir)

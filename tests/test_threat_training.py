@@ -155,6 +155,7 @@ def test_resolved_threats_config_has_a_domain_per_threat(step_parts):
   assert config.threats.l2.domain == 2 and config.threats.l2.loss == "trades"
 
 
+@pytest.mark.slow
 def test_three_domain_step_on_8_devices_matches_1_device_and_its_losses(step_parts):
   """Gradients (SGD, no clipping) of 8 devices equal 1 device's; the step's per-threat losses
   are the ones recomputed here: CE at PGD points against domain 1 and TRADES at KL-attack points
@@ -190,6 +191,7 @@ def test_three_domain_step_on_8_devices_matches_1_device_and_its_losses(step_par
   assert m["loss"] == pytest.approx(float(clean + ce_linf + tr), rel=2e-3)
 
 
+@pytest.mark.slow
 def test_three_domain_step_attack_loops_have_no_collective(step_parts):
   from tests.test_train import _while_bodies_have_collectives
   config, model, optimizer, state, batch = step_parts
