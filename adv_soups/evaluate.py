@@ -9,13 +9,15 @@ Square, each on the points every earlier one failed on; `apgd-ce,apgd-t` is its 
 The report (WORKDIR/eval/<name stating the settings>.json, per-example results beside it) names
 the attacks that ran, the accuracy after each, and any gradient-masking warning. A relaunch of an
 interrupted command resumes it. A thin shell over `adv_soups.evaluation`.
+`--weights=0.2,0.3,0.5` evaluates that soup over every domain (clean + each threat of a run
+trained with `config.threats`) against each threat and their union (`evaluation/threat_sweep.py`).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from adv_soups import cli, parallel
-from adv_soups.evaluation import reports, requests, run
+from adv_soups.evaluation import reports, requests, run, threat_sweep
 from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ATTACK = "autoattack"
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
       ("integer", "domain", None, "Domain id instead of --alpha (0 = clean, 1 = adversarial)."),
       ("string", "eps_grid", None, "Opt-in check: robust accuracy at each of these eps (comma "
        "list); warns when it rises with eps."),
+      ("string", "weights", None, "One soup over all domains, e.g. 0.2,0.3,0.5 (summing to 1), "
+       "evaluated against each threat of the run and their union."),
+      ("bool", "extrapolate", False, "Allow --weights outside [0, 1] (an affine soup)."),
       PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
@@ -81,6 +86,20 @@ def main(argv: list[str] | None = None) -> None:
   kwargs = cli.request_kwargs(v)
   kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
+  if v.weights is not None:
+    try:
+      if v.alpha is not None or v.domain is not None or v.eps_grid:
+        raise ValueError("--weights names the soup: leave out --alpha, --domain and --eps_grid")
+      sweep = threat_sweep.plan(v.workdir, v.weights, extrapolate=v.extrapolate, **kwargs)
+      if len(sweep.weights) != 1:
+        raise ValueError(f"--weights={v.weights} names {len(sweep.weights)} soups; evaluate takes "
+                         "one (sweep takes a grid)")
+    except (ValueError, FileNotFoundError) as e:
+      cli.fail(str(e))
+    report = threat_sweep.run(sweep, kind="eval", out_dir=v.out_dir)
+    if parallel.is_primary():
+      print(threat_sweep.format_table(report))
+    return
   try:
     request = plan_one(v.workdir, alpha=v.alpha, domain=v.domain, **kwargs)
     grid = parse_eps_grid(v.eps_grid, request.norm)

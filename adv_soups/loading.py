@@ -93,7 +93,14 @@ class LoadedModel:
 
   def domain(self, alpha: Any, batch_size: int) -> np.ndarray:
     """The per-example `domain` argument for `alpha` (a float or [B] floats): mixing weights
-    [B, 2] = [1 - alpha, alpha] for a two-domain model, int zeros [B] for a single-domain one."""
+    [B, 2] = [1 - alpha, alpha] for a two-domain model, int zeros [B] for a single-domain one.
+    `alpha` may also be one soup's weights over every domain (a list of num_domains floats
+    summing to 1, e.g. [0.2, 0.3, 0.5] for clean + two threats)."""
+    if np.ndim(alpha) == 1 and len(alpha) == self.num_domains and self.num_domains > 2:
+      from adv_soups import soup_weights  # local: keeps `import adv_soups` light
+      weights = soup_weights.parse_weights(",".join(repr(float(w)) for w in alpha),
+                                           self.num_domains, extrapolate=True)
+      return np.broadcast_to(weights.astype(np.float32), (batch_size, self.num_domains)).copy()
     self._check_alpha(alpha)
     if self.num_domains == 1:
       return np.zeros((batch_size,), np.int32)
@@ -129,13 +136,15 @@ class LoadedModel:
 
   def attack(self, images: Any, labels: Any, eps: float | str | None = None, alpha: Any = 0.0,
              steps: int | None = None, attack: str = "pgd", seed: int = 0,
-             norm: str | None = None) -> jax.Array:
+             norm: str | None = None, threat: str | None = None) -> jax.Array:
     """Adversarial images [B, H, W, C] against the soup at `alpha` (the soup itself is attacked).
 
     Args:
       images: float32 [B, H, W, C] in [0, 1]; labels: int [B].
-      eps: radius in pixel units (a float or '4/255'); default the run's config.attack.eps
-        (norm config.attack.norm).
+      eps: radius in pixel units (a float or '4/255'); default the threat's eps.
+      threat: the name of one of the run's threats (config.threats; a run without them has one,
+        named by config.attack's norm): its norm, and its eps unless `eps` is given. Default the
+        first.
       steps: the attack's budget (>= 1); default the registry entry's: config.eval.attack_steps
         for PGD, 100 iterations for APGD and FAB, 5,000 queries for Square.
       attack: one attack of the registry (`attacks.registry.ATTACKS`): 'pgd' (PGD-k, CE, step
@@ -144,20 +153,29 @@ class LoadedModel:
         robust accuracy under a whole suite (AutoAttack) use `python -m adv_soups.evaluate`.
       seed: random starts (per example).
       norm: 'linf', 'l2' or 'l1' (every attack but PGD; another norm than the run's needs
-        `eps`); default the run's config.attack.norm. l_1 runs the standard version's l_1
+        `eps`); default the threat's norm. l_1 runs the standard version's l_1
         settings (APGD-CE: 5 restarts, APGD-T: 5 targets, both with the 3 / 2 / 1 eps schedule).
+      threat: the name of one of the run's threats (config.threats; a run without them has one,
+        named by config.attack's norm): its norm and eps unless `norm` / `eps` are given.
+        Default the first.
     The attack runs with full-precision (float32, 'highest') matmuls.
     """
     from adv_soups import numbers  # local: keeps `import adv_soups` light
     entry = registry.get(attack)
-    norm = norm or self.config.attack.norm
+    from adv_soups import threats as threats_lib
+    run_threats = threats_lib.normalise(self.config)
+    if threat is not None and threat not in run_threats:
+      raise ValueError(f"unknown threat {threat!r}: the run's threats are "
+                       f"{', '.join(run_threats)}")
+    chosen = run_threats[threat] if threat is not None else next(iter(run_threats.values()))
+    norm = norm or chosen["norm"]
     if norm not in ("linf", "l2", "l1"):
       raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
     registry.check_norm((attack,), norm)
-    if eps is None and norm != self.config.attack.norm:
+    if eps is None and norm != chosen["norm"]:
       raise ValueError(f"norm={norm!r} needs its own eps (the run's eps is a "
-                       f"{self.config.attack.norm} radius)")
-    eps = self.config.attack.eps if eps is None else numbers.parse_eps(eps, norm)
+                       f"{chosen['norm']} radius)")
+    eps = chosen["eps"] if eps is None else numbers.parse_eps(eps, norm)
     budget = registry.resolve_budgets(
         (attack,), None if steps is None else {attack: steps},
         pgd_steps=int(self.config.eval.attack_steps))[attack]

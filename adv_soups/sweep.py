@@ -14,14 +14,24 @@ Single-domain workdirs (modes clean / adversarial) are evaluated as one row.
 `--select_alpha_on=NAME:SPLIT[:N]` picks the alpha with the best accuracy on SPLIT[:N] (default N
 1000) and scores it on SPLIT[N:]: the selection never sees the examples it is reported on.
 A thin shell over `adv_soups.evaluation`; a relaunch of an interrupted sweep resumes it.
+
+Soups over every domain of a run trained against several threats (`config.threats`; any run):
+
+  python -m adv_soups.sweep --workdir=DIR --weights=simplex:0.1 | --weights=0.2,0.3,0.5;0,0,1
+      [--extrapolate] [--select_on=union|clean|THREAT|NAME:SPLIT[:N]] [--attack=...]
+
+evaluates each soup against each threat of the run (its own norm and eps) and their union
+(`evaluation/threat_sweep.py`). A run with more than one threat sweeps `simplex:0.1` when neither
+--weights nor --alphas is given.
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Sequence
 
-from adv_soups import cli, parallel
-from adv_soups.evaluation import reports, requests, run
+from adv_soups import cli, parallel, threats
+from adv_soups import workdir as workdir_lib
+from adv_soups.evaluation import reports, requests, run, threat_sweep
 from adv_soups.evaluation.requests import PRECISION_FLAG
 
 DEFAULT_ALPHAS = "0:1:11"
@@ -76,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
       ("bool", "extrapolate", False, "Allow alphas outside [0, 1]."),
       ("string", "select_alpha_on", None,
        "NAME:SPLIT[:N]: choose alpha on SPLIT[:N] of NAME, report it on SPLIT[N:]."),
+      ("string", "weights", None, "Soups over all domains (clean + each threat): simplex:STEP or "
+       "vectors such as 0.2,0.3,0.5;0,0,1 (each summing to 1)."),
+      ("string", "select_on", None, "With --weights: choose the soup by union, clean, a threat's "
+       "name (on half the examples, reported on the other half) or NAME:SPLIT[:N] (a shift)."),
       PRECISION_FLAG,
   ))
   cli.parse_flags(argv, v)
@@ -89,6 +103,22 @@ def main(argv: list[str] | None = None) -> None:
   kwargs["precision"] = v.precision
   kwargs.setdefault("attack", DEFAULT_ATTACK)
   try:
+    by_weights = _by_weights(v)
+  except (ValueError, FileNotFoundError) as e:
+    cli.fail(str(e))
+  if by_weights:
+    try:
+      sweep = threat_sweep.plan(v.workdir, v.weights, extrapolate=v.extrapolate,
+                                select_on=v.select_on, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+      cli.fail(str(e))
+    for note in sweep.notes if parallel.is_primary() else ():
+      print(f"note: {note}", file=sys.stderr)
+    report = threat_sweep.run(sweep, kind="sweep", out_dir=v.out_dir)
+    if parallel.is_primary():
+      print(threat_sweep.format_table(report))
+    return
+  try:
     request = plan_sweep(v.workdir, v.alphas, extrapolate=v.extrapolate,
                          select_alpha_on=v.select_alpha_on, **kwargs)
     run.check_memory(request)  # memory.DoesNotFit is a ValueError: one line, exit 2
@@ -101,6 +131,21 @@ def main(argv: list[str] | None = None) -> None:
   report = run.run_request(request, kind="sweep", out_dir=v.out_dir, chunk_batches=v.save_every)
   if primary:
     print(reports.format_table(report))
+
+
+def _by_weights(v) -> bool:
+  """Whether the flags ask for a sweep over weights (--weights or --select_on, or a run with
+  several threats and no --alphas); ValueError for flags of both kinds."""
+  if v.alphas is not None and (v.weights is not None or v.select_on is not None):
+    raise ValueError("--alphas (two domains) and --weights / --select_on (soups over every "
+                     "domain) exclude each other: give one")
+  if v.select_alpha_on is not None and (v.weights is not None or v.select_on is not None):
+    raise ValueError("--select_alpha_on goes with --alphas; with --weights use --select_on")
+  if v.weights is not None or v.select_on is not None:
+    return True
+  if v.alphas is not None or v.select_alpha_on is not None:
+    return False
+  return len(threats.normalise(workdir_lib.load_config(v.workdir))) > 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ PACKAGE = os.path.join(ROOT, "adv_soups")
 # share. Nothing else may import them.
 COMMAND_LINES = {"adv_soups.train", "adv_soups.evaluate", "adv_soups.sweep", "adv_soups.demo",
                  "adv_soups.cli", "adv_soups.training_cli", "adv_soups.export",
-                 "adv_soups.models.summary", "adv_soups.experiments.adapters"}
+                 "adv_soups.models.summary", "adv_soups.experiments.adapters",
+                 "adv_soups.experiments.threats"}
 
 
 def package_modules(root: str = ROOT) -> dict[str, str]:

@@ -20,6 +20,7 @@ import numpy as np
 from adv_soups import numbers
 from adv_soups import data as data_lib
 from adv_soups import soups
+from adv_soups import threats as threats_lib
 from adv_soups import workdir as workdir_lib
 from adv_soups.attacks import registry
 
@@ -285,7 +286,8 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
   """Checks a request and restores the model (unless `loaded` is given), compiling nothing.
 
   Exactly one of `alphas` (soups; [0] for a single-domain model) or `domain` names the columns.
-  Defaults come from the workdir's config: eps / norm from config.attack, PGD's steps from
+  Defaults come from the workdir's config: eps / norm from its first threat (config.threats, or
+  config.attack in a run without them), PGD's steps from
   config.eval.attack_steps (APGD and FAB: 100, Square: 5,000 queries), dataset from config.data
   (split: config.eval.split or the dataset's evaluation split), num_examples / batch_size from
   config.eval, data_dir from config.data. Raises ValueError or FileNotFoundError with one line
@@ -307,15 +309,16 @@ def make_request(workdir: str, *, attack: str | Sequence[str] = "pgd",
   config = loaded.config if loaded is not None else workdir_lib.load_config(workdir)
   if loaded is None:
     loading.checkpoint_step(workdir, step)
-  norm = norm or config.attack.norm
+  default = next(iter(threats_lib.normalise(config).values()))  # the first threat
+  norm = norm or default["norm"]
   if norm not in ("linf", "l2", "l1"):
     raise ValueError(f"unknown norm {norm!r}: allowed linf, l2, l1")
   registry.check_norm(names, norm)
   if eps is None and norm == "l1" and names:  # training is never l_1: its eps is another ball's
     raise ValueError("--norm=l1 needs its own --eps (an l_1 radius in pixel units, e.g. 1 = one "
-                     "pixel moved all the way); the run's config.attack.eps is a "
-                     f"{config.attack.norm} radius")
-  eps = numbers.parse_eps(config.attack.eps if eps is None else eps, norm)
+                     "pixel moved all the way); the run's training eps is a "
+                     f"{default['norm']} radius")
+  eps = numbers.parse_eps(default["eps"] if eps is None else eps, norm)
   for flag, value in (("steps", steps), ("square_queries", square_queries),
                       ("num_examples", num_examples), ("batch_size", batch_size)):
     if value is not None and (int(value) != value or value < 1):

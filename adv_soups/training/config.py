@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from adv_soups import evaluators
+from adv_soups import threats as threats_lib
 from adv_soups.models import create_model, init_params
 from adv_soups.training import modes as modes_lib
 
@@ -83,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
       step_size=placeholder(float),          # None = 2.5 * eps / num_steps (Madry et al.)
       eps_warmup_steps=0))     # eps (and the step size) ramp linearly from 0 over these steps; 0 = off
 
+  # The threat models to co-train against, in order: domain i is the i-th (adv_soups/threats.py),
+  # e.g. config.threats.l2 = threats.threat("l2", 0.5, num_steps=5, loss="trades"). Empty = one
+  # threat from config.attack (loss "ce", weight train.adv_weight); a config that sets threats
+  # leaves config.attack and train.adv_weight at their defaults.
+  config.threats = threats_lib.ordered()
+
   # Defaults of every evaluation (the periodic ones below, `evaluate`, `sweep`).
   config.eval = ml_collections.ConfigDict(dict(
       split=placeholder(str),  # None = the dataset's evaluation split
@@ -111,6 +118,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # The data sets' modules load TensorFlow: imported on use, so that reading the schema stays
   # light (the evaluators import theirs in their checks).
   from adv_soups.data.registry import dataset_info
+  # Before the copy below, which sorts the threats' names (their order is the domains').
+  threats = threats_lib.normalise(config) if threats_lib.has_threats(config) else None
+  threats_lib.check_exclusive(config, base_config())
   config = ml_collections.ConfigDict(config.to_dict())
   _check_known_fields(config.to_dict(), base_config().to_dict())
   train, opt, attack = config.train, config.optimizer, config.attack
@@ -168,14 +178,23 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise ValueError(f"config.attack.eps={attack.eps} is outside the allowed range for "
                      f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
   _check_recipe(config, n_devices)
+  if threats is None:  # one threat, from config.attack (checked above)
+    threats = threats_lib.normalise(config)
+  if train.mode == "adversarial" and len(threats) > 1:
+    raise ValueError(f"config.train.mode='adversarial' trains one domain against one threat; "
+                     f"config.threats has {len(threats)} ({', '.join(threats)}): use mode cotrain")
+  if threats_lib.has_threats(config):  # in order, step sizes and domains filled
+    config.threats = threats_lib.resolved(threats)
   domains = mode.domains(config)
   if len(domains) == 1:
     config.model.num_domains = 1  # single-domain model: evaluate it with domain 0
+  elif threats_lib.has_threats(config) and config.model.num_domains == 2:  # the schema's default
+    config.model.num_domains = len(domains)
   elif config.model.num_domains != len(domains):
     raise ValueError(f"config.model.num_domains={config.model.num_domains}: {train.mode} needs "
                      f"exactly {len(domains)} ({modes_lib.describe_domains(domains)})")
   config.data.image_size = config.model.image_size
-  if attack.step_size is None:
+  if not threats_lib.has_threats(config) and attack.step_size is None:
     attack.step_size = 2.5 * attack.eps / attack.num_steps
   create_model(config.model)  # validates the model fields
   config.model.channels = shape[-1]
@@ -243,7 +262,7 @@ def _check_recipe(config: ml_collections.ConfigDict, n_devices: int) -> None:
 # Fields resolve_config fills in; `evals` holds entries named by the user (evaluators.validate
 # checks their fields).
 _FILLED = {"model.channels"}
-_OPEN = {"evals"}
+_OPEN = {"evals", "threats"}  # threats: checked by threats_lib.normalise
 
 
 def _check_known_fields(config: dict, base: dict, prefix: str = "") -> None:

@@ -25,6 +25,7 @@ from adv_soups import memory as memory_lib
 from adv_soups import data as data_lib
 from adv_soups import disk_space, screen
 from adv_soups import parallel, preemption as preemption_lib, workdir as workdir_lib
+from adv_soups import threats as threats_lib
 from adv_soups import writers as writers_lib
 from adv_soups.evaluation import periodic
 from adv_soups.models import create_model
@@ -311,8 +312,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
         print(f"moved the previous run aside to {moved}", file=sys.stderr)
     parallel.barrier("adv_soups.train moved the previous run aside")
   elif epath.Path(os.path.join(workdir, workdir_lib.CONFIG_FILE)).exists():
-    saved = workdir_lib.config_to_dict(workdir_lib.load_config(workdir))
-    allowed, refused = workdir_lib.resume_differences(saved, workdir_lib.config_to_dict(config))
+    # Both spelt one way first: an old workdir (no `threats`) resumes under today's schema.
+    saved = threats_lib.canonical(workdir_lib.config_to_dict(workdir_lib.load_config(workdir)))
+    allowed, refused = workdir_lib.resume_differences(
+        saved, threats_lib.canonical(workdir_lib.config_to_dict(config)))
     if refused:
       raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(refused)}); "
                        "resume with the same config, use a new --workdir, or pass --overwrite")

@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from adv_soups import threats as threats_lib
+from adv_soups.training import threat_rows
+
 CLEAN, ADVERSARIAL = 0, 1
 
 
@@ -40,6 +43,9 @@ class StepInputs:
     1 with two domains, else 0); `pgd_overrides` replace any keyword of `attacks.pgd.pgd`.
   config: the resolved config; num_classes and smoothing: config.model.num_classes and
     config.train.label_smoothing.
+  logits_fn_of: domain d -> `fn(images [b, H, W, C]) -> logits [b, K]` of the model in domain d
+    under the step's parameters (gradient stopped), for attacks other than `craft`'s PGD.
+  attack_rng: the step's attack key; step: completed steps (int32 []), for eps warm-ups.
   """
   images: jax.Array
   labels: jax.Array
@@ -49,6 +55,9 @@ class StepInputs:
   config: ml_collections.ConfigDict
   num_classes: int
   smoothing: float
+  logits_fn_of: Callable[[int], Callable[[jax.Array], jax.Array]] | None = None
+  attack_rng: jax.Array | None = None
+  step: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +170,115 @@ def _cotrain_metrics(per_row: jax.Array, correct: jax.Array, rows: Rows,
               clean_train_accuracy=correct[0::2].mean(), adv_train_accuracy=correct[1::2].mean())
 
 
+# ------------------------------------------------------------------------------------------------
+# Several threats (`config.threats`), one domain each: the rows of `threat_rows` (CE or TRADES per
+# threat, each attack against its own domain). A config without `threats` keeps the modes above.
+
+@dataclasses.dataclass(frozen=True)
+class ThreatAux:
+  """`Rows.aux` of the threat rows: the row layout, the threats (normalised, step sizes filled)
+  and each threat's adversarial images [B, H, W, C], in domain order."""
+  layout: threat_rows.Layout
+  threats: dict
+  adversarial: list
+
+
+def _threat_rows(inputs: StepInputs, cotrain: bool) -> Rows:
+  """B x R rows, example-major (`threat_rows.stack_rows`); targets each image's label."""
+  threats = threats_lib.normalise(inputs.config)
+  layout = threat_rows.layout(threats, cotrain=cotrain)
+  adversarial = threat_rows.craft(inputs.logits_fn_of, inputs.images, inputs.attack_labels,
+                                  inputs.attack_rng, threats, inputs.step, layout)
+  size = inputs.labels.shape[0]
+  return Rows(inputs=threat_rows.stack_rows(inputs.images, adversarial, layout),
+              domains=threat_rows.row_domains(layout, size),
+              targets=jnp.repeat(inputs.labels, layout.num_rows),
+              aux=ThreatAux(layout, threats, adversarial))
+
+
+def _threat_loss(logits: jax.Array, rows: Rows, inputs: StepInputs) -> tuple[jax.Array, Any]:
+  """`threat_rows.losses` against the soft targets (mixup's, or the smoothed one-hot labels);
+  aux = its parts ({'clean': [B], name: [B]})."""
+  targets = inputs.soft_targets
+  if targets is None:
+    targets = optax.smooth_labels(jax.nn.one_hot(inputs.labels, inputs.num_classes),
+                                  inputs.smoothing)
+  return threat_rows.losses(logits, targets, rows.aux.layout, rows.aux.threats,
+                            float(inputs.config.train.clean_weight))
+
+
+def _threat_metrics(parts: dict, correct: jax.Array, rows: Rows,
+                    inputs: StepInputs) -> dict[str, jax.Array]:
+  """cotrain: clean_loss, adv_loss (mean over threats), clean_train_accuracy,
+  adv_train_accuracy, and per threat adv_loss_NAME / adv_train_accuracy_NAME when there are
+  several; adversarial: train_accuracy on the adversarial rows. With a threat's eps warm-up:
+  attack_eps and adv_perturbation (suffixed _NAME when there are several)."""
+  layout, threats = rows.aux.layout, rows.aux.threats
+  names = list(threats)
+  correct = correct.reshape(inputs.labels.shape[0], layout.num_rows)
+  adv_rows = [adv for _, adv in layout.threat_rows]
+  if layout.cotrain:
+    metrics = dict(clean_loss=parts["clean"].mean(),
+                   adv_loss=jnp.mean(jnp.stack([parts[n].mean() for n in names])),
+                   clean_train_accuracy=correct[:, 0].mean(),
+                   adv_train_accuracy=correct[:, adv_rows].mean())
+    if len(names) > 1:
+      for name, r in zip(names, adv_rows):
+        metrics[f"adv_loss_{name}"] = parts[name].mean()
+        metrics[f"adv_train_accuracy_{name}"] = correct[:, r].mean()
+  else:
+    metrics = {"train_accuracy": correct[:, adv_rows[0]].mean()}
+  for i, (name, threat) in enumerate(threats.items()):
+    if not threat.get("eps_warmup_steps"):
+      continue
+    suffix = f"_{name}" if len(names) > 1 else ""
+    eps, _ = threat_rows.schedule(threat, inputs.step)
+    delta = rows.aux.adversarial[i] - inputs.images
+    norms = jnp.sqrt(jnp.sum(delta * delta, axis=(1, 2, 3))) if threat["norm"] == "l2" else \
+        jnp.max(jnp.abs(delta), axis=(1, 2, 3))
+    metrics[f"attack_eps{suffix}"] = jnp.asarray(eps, jnp.float32)
+    metrics[f"adv_perturbation{suffix}"] = jnp.max(norms)
+  return metrics
+
+
+def _with_threats(one_threat: Callable, cotrain: bool) -> Callable[[StepInputs], Rows]:
+  """Rows: the threat rows when the config lists `threats`, else the one-threat mode's own."""
+  return lambda inputs: (_threat_rows(inputs, cotrain)
+                         if threats_lib.has_threats(inputs.config) else one_threat(inputs))
+
+
+def _threat_loss_or(one_threat: Callable) -> Callable:
+  return lambda logits, rows, inputs: (_threat_loss(logits, rows, inputs)
+                                       if isinstance(rows.aux, ThreatAux)
+                                       else one_threat(logits, rows, inputs))
+
+
+def _threat_metrics_or(one_threat: Callable) -> Callable:
+  return lambda aux, correct, rows, inputs: (_threat_metrics(aux, correct, rows, inputs)
+                                             if isinstance(rows.aux, ThreatAux)
+                                             else one_threat(aux, correct, rows, inputs))
+
+
+def cotrain_domains(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """('clean', 'adversarial'), or with `config.threats` ('clean', then the threats in order)."""
+  if threats_lib.has_threats(config):
+    return ("clean",) + tuple(threats_lib.names(config))
+  return ("clean", "adversarial")
+
+
 MODES: dict[str, TrainingMode] = {
     "cotrain": TrainingMode(
-        rows=_cotrain_rows, domains=lambda config: ("clean", "adversarial"),
-        metrics=_cotrain_metrics,
+        rows=_with_threats(_cotrain_rows, cotrain=True), domains=cotrain_domains,
+        loss=_threat_loss_or(weighted_cross_entropy),
+        metrics=_threat_metrics_or(_cotrain_metrics),
         description="clean_weight * CE(f(x, 0), y) + adv_weight * CE(f(x_adv, 1), y), x_adv from "
-                    "PGD against domain 1"),
-    "adversarial": TrainingMode(rows=_adversarial_rows,
-                                description="CE(f(x_adv), y), one domain (Madry et al.)"),
+                    "PGD against domain 1; with config.threats, domain i per threat i, each with "
+                    "its own attack and loss (CE or TRADES)"),
+    "adversarial": TrainingMode(
+        rows=_with_threats(_adversarial_rows, cotrain=False),
+        loss=_threat_loss_or(weighted_cross_entropy), metrics=_threat_metrics_or(accuracy_metric),
+        description="CE(f(x_adv), y), one domain (Madry et al.); with one config.threats entry, "
+                    "its attack and loss (CE or TRADES)"),
     "clean": TrainingMode(rows=_clean_rows, description="CE(f(x), y), one domain"),
 }
 
@@ -198,6 +308,7 @@ def describe_domains(names: tuple[str, ...] | list[str]) -> str:
   return ", ".join(f"{i} = {n}" for i, n in enumerate(names))
 
 
-__all__ = ["ADVERSARIAL", "CLEAN", "MODES", "Rows", "StepInputs", "TrainingMode",
-           "accuracy_metric", "adversarial_domain", "cross_entropy", "describe_domains", "get",
+__all__ = ["ADVERSARIAL", "CLEAN", "MODES", "Rows", "StepInputs", "ThreatAux", "TrainingMode",
+           "accuracy_metric", "adversarial_domain", "cotrain_domains", "cross_entropy",
+           "describe_domains", "get",
            "num_domains", "register", "weighted_cross_entropy"]

@@ -33,6 +33,12 @@ def attack_schedule(attack: ml_collections.ConfigDict, step: jax.Array) -> tuple
   return attack.eps * scale, attack.step_size * scale
 
 
+def _logits_fn(model, params: Any, domain: int):
+  """`fn(images [b, H, W, C]) -> logits [b, K]` of `model` in `domain` (eval mode)."""
+  return lambda x: model.apply({"params": params}, x, jnp.full(x.shape[:1], domain, jnp.int32),
+                               train=False)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
   """The jitted step `(state, batch) -> (state, metrics)` for `config.train.mode`.
 
@@ -80,7 +86,10 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh):
         attack_labels=attack_labels, config=config, num_classes=num_classes, smoothing=smoothing,
         craft=lambda x, targets, domain=None, **overrides: craft(
             jax.lax.stop_gradient(state.params), x, targets, attack_rng, eps, step_size, domain,
-            **overrides))
+            **overrides),
+        logits_fn_of=lambda domain: _logits_fn(model, jax.lax.stop_gradient(state.params),
+                                               domain),
+        attack_rng=attack_rng, step=state.step)
     rows = mode.rows(inputs)
     x_adv = rows.x_adv
 
