@@ -17,7 +17,6 @@ from adv_soups import workdir as workdir_lib
 from adv_soups.attacks.pgd import pgd
 from adv_soups.evaluation import periodic
 from adv_soups.models import create_model
-from adv_soups.training import threat_rows
 from configs import digits as digits_config
 from configs import imagenet_vit_b16
 
@@ -426,7 +425,7 @@ def test_clean_mode_never_attacks_and_smooths_labels(data_dir, digits_batch, mon
   """clean mode: PGD is never traced; its loss is the label-smoothed CE computed here from the
   model's logits, q = (1 - s) one_hot + s / K (mutation: smoothing ignored)."""
   calls = []
-  monkeypatch.setattr(threat_rows, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  monkeypatch.setattr(training.step, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
   s = 0.2
   config = plain_sgd(training.resolve_config(small_config(data_dir, "clean", label_smoothing=s)))
   model, states, metrics = run_steps(config, digits_batch, 1, randomized)
@@ -446,7 +445,7 @@ def test_adversarial_mode_trains_on_pgd_points(data_dir, digits_batch, monkeypat
   """adversarial mode: the loss is CE at PGD points against the one domain (same key), which is
   far from the CE at the clean images (mutation: `inputs = images` in that branch)."""
   calls = []
-  monkeypatch.setattr(threat_rows, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
+  monkeypatch.setattr(training.step, "pgd", lambda *a, **k: calls.append(1) or pgd(*a, **k))
   config = plain_sgd(training.resolve_config(small_config(data_dir, "adversarial")))
   model, states, metrics = run_steps(config, digits_batch, 1, randomized)
   assert len(calls) == 1

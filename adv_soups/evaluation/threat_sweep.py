@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import soup_weights, threats as threats_lib
 from adv_soups import workdir as workdir_lib
@@ -233,7 +233,7 @@ def format_table(report: dict) -> str:
 
 def _write(report: dict, clean: np.ndarray, robust: dict, out_dir: str, name: str
            ) -> dict[str, str]:
-  tf.io.gfile.makedirs(out_dir)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   files = {"json": json.dumps(report, indent=2).encode(), "csv": to_csv(report).encode()}
   buf = io.BytesIO()
   np.savez_compressed(buf, clean_correct=clean, **{f"robust_{t}": v for t, v in robust.items()})
@@ -248,8 +248,7 @@ def _write(report: dict, clean: np.ndarray, robust: dict, out_dir: str, name: st
   paths = {}
   for ext, data in files.items():
     path = os.path.join(out_dir, f"{name}.{ext}")
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    epath.Path(path + ".tmp").write_bytes(data)
+    epath.Path(path + ".tmp").replace(path)
     paths[ext] = path
   return paths

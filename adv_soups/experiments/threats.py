@@ -36,11 +36,13 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
 from adv_soups import cli, threats as threats_lib, training, training_cli
 from adv_soups.attacks import suites
-from adv_soups.experiments import adapters as adapters_exp
+from adv_soups.experiments import aggregate as aggregate_lib
+from adv_soups.experiments import plan as plan_lib
+from adv_soups.experiments import run as run_lib
 
 DEFAULT_ATTACK = "apgd-ce"
 DEFAULT_WEIGHTS = "simplex:0.2"
@@ -121,8 +123,8 @@ def evaluate_run(run: Run, workdir: str, settings: dict[str, dict], *, attack: s
   name = plan.name("sweep")
   path = os.path.join(workdir, "sweep", name + ".json")
   npz = os.path.join(workdir, "sweep", name + ".npz")
-  if tf.io.gfile.exists(path) and tf.io.gfile.exists(npz):
-    with tf.io.gfile.GFile(path) as f:
+  if epath.Path(path).exists() and epath.Path(npz).exists():
+    with epath.Path(path).open() as f:
       report = json.load(f)
     reused = True
   elif compute:
@@ -130,7 +132,7 @@ def evaluate_run(run: Run, workdir: str, settings: dict[str, dict], *, attack: s
     reused = False
   else:
     return None
-  with tf.io.gfile.GFile(npz, "rb") as f:
+  with epath.Path(npz).open("rb") as f:
     saved = np.load(f)
     clean = saved["clean_correct"]
     robust = {t: saved[f"robust_{t}"] for t in settings}
@@ -164,7 +166,7 @@ def summarize(runs: list[Run], records: dict[str, dict], threat_names: list[str]
   for (label, row_name), values in groups.items():
     row = dict(run=label, row=row_name, seeds=len(values))
     for k in keys:
-      row[k + "_mean"], row[k + "_std"] = adapters_exp._mean_std([v[k] for v in values])
+      row[k + "_mean"], row[k + "_std"] = aggregate_lib._mean_std([v[k] for v in values])
     if row_name == "selected soup":
       row["weights"] = [v["weights"] for v in values]
     out.append(row)
@@ -213,7 +215,7 @@ def check_experiment(base: ml_collections.ConfigDict, workdir: str, seeds: int, 
   from adv_soups import soup_weights
   names = threats_lib.names(base)
   runs = plan_runs(names, seeds)
-  selected = adapters_exp.select_runs(runs, only)
+  selected = plan_lib.select_runs(runs, only)
   if not suites.parse_suite(attack):
     raise ValueError(f"--attack={attack!r}: the experiment needs an attack")
   for flag, value in (("steps", steps), ("num_examples", num_examples)):
@@ -239,12 +241,12 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *, seeds: int 
                                              weights, only)
   settings_by_threat = {n: dict(norm=t["norm"], eps=t["eps"])
                         for n, t in threats_lib.normalise(base).items()}
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   records: dict[str, dict] = {}
   for k, run in enumerate(runs, 1):
     run_dir = os.path.join(workdir, run.name)
     now = run in selected
-    trained = adapters_exp.train_run(run, configs[run.name], run_dir) if now else None
+    trained = run_lib.train_run(run, configs[run.name], run_dir) if now else None
     from adv_soups import preemption
     figures = None
     if now or preemption.is_finished(run_dir):
@@ -253,9 +255,9 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *, seeds: int 
     records[run.name] = dict(name=run.name, label=run.label, threats=list(run.threats),
                              seed=run.seed, workdir=run_dir, figures=figures,
                              status="done" if figures else "pending")
-    timing = os.path.join(run_dir, adapters_exp.TIMING_FILE)
-    records[run.name]["train_wall_s"] = (adapters_exp._read_json(timing)["train_wall_s"]
-                                         if tf.io.gfile.exists(timing) else None)
+    timing = os.path.join(run_dir, run_lib.TIMING_FILE)
+    records[run.name]["train_wall_s"] = (run_lib._read_json(timing)["train_wall_s"]
+                                         if epath.Path(timing).exists() else None)
     if now and figures:
       union_text = ", ".join(f"{row} union {100 * v['union']:.1f}%"
                              for row, v in figures["rows"].items())
@@ -273,18 +275,18 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *, seeds: int 
       reported_text=(f"the second half of the held-out examples ({reported[0]})"
                      if len(reported) == 1 else f"the second halves {reported}"),
       argv=list(argv) if argv else None)
-  results = dict(settings=settings, versions=adapters_exp._versions(),
+  results = dict(settings=settings, versions=aggregate_lib._versions(),
                  runs=[records[r.name] for r in runs], summary=summary,
                  union_comparison=best_union(summary), wall_time_s=time.time() - start,
                  train_wall_s_total=sum(r["train_wall_s"] or 0 for r in records.values()),
                  eval_wall_s_total=sum(f["eval_wall_s"] or 0 for f in done))
   if jax.process_index() > 0:
     return results
-  adapters_exp._write_text(os.path.join(workdir, "results.json"),
+  run_lib._write_text(os.path.join(workdir, "results.json"),
                            json.dumps(results, indent=1) + "\n")
-  adapters_exp._write_text(os.path.join(workdir, "results.md"),
+  run_lib._write_text(os.path.join(workdir, "results.md"),
                            format_markdown(summary, settings))
-  print(f"wrote {workdir}/results.json, results.md ({adapters_exp._duration(time.time() - start)})",
+  print(f"wrote {workdir}/results.json, results.md ({run_lib._duration(time.time() - start)})",
         file=sys.stderr, flush=True)
   return results
 
