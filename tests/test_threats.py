@@ -1,4 +1,6 @@
 """Threat domains: config normalisation, soups on the simplex, union robustness, TRADES."""
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -273,3 +275,31 @@ def test_trades_inner_attack_maximises_the_kl_to_the_own_prediction_not_the_labe
   np.testing.assert_allclose(kl_of(x_kl), 0.1 * np.log(0.1 / (1 - q1)) + 0.9 * np.log(0.9 / q1),
                              rtol=1e-4)
   assert (kl_of(x_kl) > kl_of(x_ce) + 0.1).all()
+
+
+def test_periodic_entry_attacks_each_threat_domain_with_its_own_threat(monkeypatch):
+  """The robust evaluator in a run with threats: a threat's name is its domain, attacked with
+  that threat's norm and eps; clean and the soups with the first threat's (mutation: every column
+  with the first threat)."""
+  from adv_soups import data as data_lib
+  from adv_soups.evaluation import requests as requests_lib
+  from adv_soups.evaluation import run as run_lib
+  from adv_soups.evaluators import robust
+  from configs import digits_threats
+  config = digits_threats.get_config()
+  config.model.num_domains = 3
+  columns, labels = robust.parse_domains("clean,linf,l2,0.5", 3, ["linf", "l2"])
+  assert labels == ["clean", "linf", "l2", "alpha0.5"] and columns.shape == (4, 3)
+  np.testing.assert_allclose(columns[:3], np.eye(3))
+  calls = []
+
+  def fake_request(workdir, **kw):
+    calls.append((kw["norm"], kw["eps"]))
+    return types.SimpleNamespace(dataset="digits", split="test", num_examples=None)
+  monkeypatch.setattr(requests_lib, "make_request", fake_request)
+  monkeypatch.setattr(run_lib, "batch_rows", lambda *a: 1)
+  monkeypatch.setattr(data_lib, "get_spec", lambda name: None)
+  entry = dict(attack="pgd", domains="clean,l2,0.5,linf")
+  groups = robust._requests("config.evals.val", entry, config, None, None, 0, "")
+  assert calls == [("linf", 0.1), ("l2", 0.5)]
+  assert [g[1] for g in groups] == [["clean", "alpha0.5", "linf"], ["l2"]]
