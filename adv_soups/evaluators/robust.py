@@ -13,9 +13,10 @@ domains: the models to evaluate, a comma list of 'clean' (domain 0), 'adversaria
   run with `config.threats` a threat's name is its domain, attacked with that threat's norm and
   eps (unless the entry sets `norm`); every other model with the first threat's.
 dataset / split / num_examples / batch_size / eps: None = config.data.name, config.eval's,
-  config.attack.eps (the first threat's). A num_examples larger than the split is clamped, with one note line.
-norm: None = config.attack.norm; 'l1' (evaluation only: training attacks are l_inf / l_2) needs
-  its own eps.
+  config.attack.eps (the first threat's). A num_examples larger than the split is clamped,
+  with one note line.
+norm: None = config.attack.norm (the threat's); 'l1' (evaluation only: training attacks are
+  l_inf / l_2) needs its own eps.
 Metrics: '<model>/clean_accuracy' and '<model>/robust_accuracy' (the caller prefixes the entry's
 name). The engine and the data sets load TensorFlow: they are imported when an evaluation or a
 dataset check runs, so the schema that lists these fields stays light.
