@@ -142,6 +142,19 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
       lock.release()
 
 
+def run_experiment_locked(workdir: str, verbose: bool, run):
+  """`run()` as the experiment programs run it: one experiment per directory (`hold_workdir`:
+  exit 75 when another holds it), the absl log to WORKDIR/train.log (the screen too with
+  `verbose`); the lock is released however it ends. Returns what `run()` returns."""
+  lock = hold_workdir(workdir)
+  try:
+    screen.log_to_file(screen.log_path(workdir, jax.process_index()), verbose=verbose)
+    return run()
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def hold_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
   """Takes `workdir`'s lock (process 0 decides for all, `workdir_lock.acquire_all`); prints one
   line when it takes over a stale one. Another live holder: one line naming it, exit 75 (busy,

@@ -217,3 +217,28 @@ def test_training_stdout_under_a_pipe_is_plain_and_ends_with_the_final_metrics(t
   assert any(l.startswith("eval @ step 4: ") for l in lines), lines
   log = (workdir / "train.log").read_text()
   assert ABSL_LINE.search(log) and "Setting work unit notes" in log
+
+
+@pytest.mark.parametrize("module", ["adapters", "threats"])
+def test_an_experiment_on_a_locked_directory_exits_75_and_writes_nothing(tmp_path, data_dir,
+                                                                        capsys, module):
+  """Both experiment commands hold their directory's lock through `run_experiment_locked`."""
+  import importlib
+  experiment = importlib.import_module(f"adv_soups.experiments.{module}")
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    workdir = str(tmp_path / module)
+    _live_lock(workdir, holder.pid)
+    before = open(os.path.join(workdir, ".lock")).read()
+    config = {"adapters": "digits.py", "threats": "digits_threats.py"}[module]
+    argv = [module, f"--config={REPO}/configs/{config}", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--seeds=1"]
+    with pytest.raises(SystemExit) as info:
+      experiment.main(argv)
+    assert info.value.code == workdir_lock.EXIT_BUSY
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pid {holder.pid} on host" in err[0], err
+    assert os.listdir(workdir) == [".lock"] and open(os.path.join(workdir, ".lock")).read() == before
+  finally:
+    holder.kill()
+    holder.wait()

@@ -35,7 +35,7 @@ from typing import Sequence
 import jax
 import ml_collections
 
-from adv_soups import cli, screen
+from adv_soups import cli
 from adv_soups import training_cli
 from adv_soups.experiments import aggregate as aggregate_lib
 from adv_soups.experiments import render as render_lib
@@ -96,15 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
                                   values.steps, values.num_examples, values.only)
   except ValueError as e:
     cli.fail(str(e))
-  lock = training_cli.hold_workdir(workdir)  # one experiment per directory (exit 75 if busy)
-  try:
-    screen.log_to_file(screen.log_path(workdir, jax.process_index()), verbose=values.verbose)
-    return run_experiment(base, workdir, adapters=adapters, seeds=values.seeds,
-                          attack=values.attack, steps=values.steps,
-                          num_examples=values.num_examples, only=values.only, argv=argv[1:])
-  finally:
-    if lock is not None:
-      lock.release()
+  return training_cli.run_experiment_locked(workdir, values.verbose, lambda: run_experiment(
+      base, workdir, adapters=adapters, seeds=values.seeds, attack=values.attack,
+      steps=values.steps, num_examples=values.num_examples, only=values.only, argv=argv[1:]))
 
 
 if __name__ == "__main__":

@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
                      values.num_examples, values.weights, values.only)
   except ValueError as e:
     cli.fail(str(e))
-  training_cli.quiet_logging()
-  return run_experiment(values.config, workdir, seeds=values.seeds, attack=values.attack,
-                        steps=values.steps, num_examples=values.num_examples,
-                        weights=values.weights, only=values.only, argv=argv[1:])
+  return training_cli.run_experiment_locked(workdir, values.verbose, lambda: run_experiment(
+      values.config, workdir, seeds=values.seeds, attack=values.attack, steps=values.steps,
+      num_examples=values.num_examples, weights=values.weights, only=values.only,
+      argv=argv[1:]))
 
 
 if __name__ == "__main__":
