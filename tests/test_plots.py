@@ -80,10 +80,10 @@ def test_png_renders():
 
 def test_experiment_plot_draws_each_runs_interval_and_the_soup_curves(tmp_path, monkeypatch):
   from matplotlib import pyplot as plt
-  from adv_soups.experiments import adapters
+  from adv_soups.experiments import aggregate, plan, render
   kept = []
   monkeypatch.setattr(plt, "close", kept.append)
-  runs = [adapters.Run("clean", "none", 0), adapters.Run("cotrain", "token", 0)]
+  runs = [plan.Run("clean", "none", 0), plan.Run("cotrain", "token", 0)]
   soup = [dict(alpha=a, clean_accuracy=0.98 - 0.01 * a, robust_accuracy=0.5 + 0.3 * a)
           for a in (0.0, 0.5, 1.0)]
   records = {runs[0].name: {"figures": dict(clean_accuracy=0.99, robust_accuracy=0.1,
@@ -92,8 +92,10 @@ def test_experiment_plot_draws_each_runs_interval_and_the_soup_curves(tmp_path, 
              runs[1].name: {"figures": dict(clean_accuracy=0.98, robust_accuracy=0.8,
                                             num_examples=N, soup=soup, per_domain_params=32,
                                             total_params=132)}}
-  summary = adapters.summarize(runs, records, token_per_domain=32)
-  adapters.plot(summary, records, runs, str(tmp_path / "a.png"), "t")
+  for run in runs:  # the run records as results.json stores them
+    records[run.name].update(mode=run.mode, adapter=run.adapter)
+  summary = aggregate.summarize(runs, records, token_per_domain=32)
+  render.plot(summary, [records[r.name] for r in runs], str(tmp_path / "a.png"), "t")
   (fig,) = kept
   (ax,) = fig.axes
   points = {}  # (x, y) of each one-point container -> its (x, y) interval segments
