@@ -68,6 +68,14 @@ class Checkpoints:
     self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     self._manager.wait_until_finished()
 
+  def wait_quietly(self) -> None:
+    """Waits for what a failed `save` may still run in orbax's background threads (they can
+    write after the error reached us); their errors are dropped: the caller is handling one."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
   def restore(self, step: int | None = None, targets: dict[str, Any] | None = None,
               items: tuple[str, ...] = ("params",)) -> dict[str, Any]:
     """Restores `items` (and always `meta`) of `step` (default: the latest).

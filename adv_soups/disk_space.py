@@ -14,6 +14,7 @@ import errno
 import glob
 import os
 import shutil
+import time
 from typing import Any
 
 EXIT_DISK_FULL = 74
@@ -139,7 +140,14 @@ def remove_partial_saves(checkpoint_dir: str) -> list[str]:
       path.rmtree()
       removed.append(str(path))
     return removed
-  for path in glob.glob(os.path.join(checkpoint_dir, PARTIAL_PATTERN)):
-    shutil.rmtree(path, ignore_errors=True)
-    removed.append(path)
+  for attempt in range(3):  # a writer that was still finishing can leave a file behind once
+    left = glob.glob(os.path.join(checkpoint_dir, PARTIAL_PATTERN))
+    if not left:
+      break
+    if attempt:
+      time.sleep(0.5)
+    for path in left:
+      shutil.rmtree(path, ignore_errors=True)
+      if path not in removed:
+        removed.append(path)
   return removed

@@ -72,6 +72,7 @@ def save_or_explain(manager: ckpt_lib.Checkpoints, workdir: str, state: TrainSta
     if not disk_space.is_out_of_space(e, workdir, needed):
       raise
     step = int(state.step)
+    manager.wait_quietly()  # a background thread may still write the partial save
     if jax.process_index() == 0:
       disk_space.remove_partial_saves(ckpt_lib.checkpoint_dir(workdir))
       orphan = data_state_dir(workdir, step)
