@@ -142,6 +142,17 @@ def train_parsed(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
       lock.release()
 
 
+def parse_experiment_command(argv: list[str], extra_flags: tuple):
+  """An experiment program's flags: the training flags plus `extra_flags`, parsed (one line and
+  exit 2 on bad input); `--overwrite` is refused (an experiment resumes in place). Returns
+  (flag values, workdir)."""
+  values = define_flags(extra_flags)
+  _, workdir = parse_command_line(argv, values)
+  if values.overwrite:
+    fail("--overwrite is not supported by the experiment: use a new --workdir")
+  return values, workdir
+
+
 def run_experiment_locked(workdir: str, verbose: bool, run):
   """`run()` as the experiment programs run it: one experiment per directory (`hold_workdir`:
   exit 75 when another holds it), the absl log to WORKDIR/train.log (the screen too with

@@ -59,15 +59,15 @@ def _live_lock(workdir, pid):
     json.dump(info, f)
 
 
-def test_second_launch_on_a_locked_workdir_exits_75_and_writes_nothing(tmp_path, data_dir,
-                                                                      capsys):
+def _refused_while_locked(workdir, capsys, launch):
+  """`launch()` on `workdir`, locked by a live process, exits 75 with one line naming the
+  holder and writes nothing (the lock file untouched)."""
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
-    workdir = str(tmp_path / "run")
     _live_lock(workdir, holder.pid)
     before = open(os.path.join(workdir, ".lock")).read()
     with pytest.raises(SystemExit) as info:
-      training_cli.main(_argv(workdir, data_dir, "--config.train.steps=2"))
+      launch()
     assert info.value.code == workdir_lock.EXIT_BUSY == 75
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pid {holder.pid} on host" in err[0], err
@@ -75,6 +75,13 @@ def test_second_launch_on_a_locked_workdir_exits_75_and_writes_nothing(tmp_path,
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_second_launch_on_a_locked_workdir_exits_75_and_writes_nothing(tmp_path, data_dir,
+                                                                      capsys):
+  workdir = str(tmp_path / "run")
+  _refused_while_locked(workdir, capsys, lambda: training_cli.main(
+      _argv(workdir, data_dir, "--config.train.steps=2")))
 
 
 def _params(workdir):
@@ -225,20 +232,25 @@ def test_an_experiment_on_a_locked_directory_exits_75_and_writes_nothing(tmp_pat
   """Both experiment commands hold their directory's lock through `run_experiment_locked`."""
   import importlib
   experiment = importlib.import_module(f"adv_soups.experiments.{module}")
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-  try:
-    workdir = str(tmp_path / module)
-    _live_lock(workdir, holder.pid)
-    before = open(os.path.join(workdir, ".lock")).read()
-    config = {"adapters": "digits.py", "threats": "digits_threats.py"}[module]
-    argv = [module, f"--config={REPO}/configs/{config}", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--seeds=1"]
-    with pytest.raises(SystemExit) as info:
-      experiment.main(argv)
-    assert info.value.code == workdir_lock.EXIT_BUSY
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"pid {holder.pid} on host" in err[0], err
-    assert os.listdir(workdir) == [".lock"] and open(os.path.join(workdir, ".lock")).read() == before
-  finally:
-    holder.kill()
-    holder.wait()
+  workdir = str(tmp_path / module)
+  config = {"adapters": "digits.py", "threats": "digits_threats.py"}[module]
+  argv = [module, f"--config={REPO}/configs/{config}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--seeds=1"]
+  _refused_while_locked(workdir, capsys, lambda: experiment.main(argv))
+
+
+@pytest.mark.parametrize("module", ["adapters", "threats"])
+def test_an_experiment_refuses_overwrite_in_one_line(tmp_path, capsys, module):
+  """`training_cli.parse_experiment_command`: an experiment resumes in place, so --overwrite is
+  one line and exit 2, nothing written."""
+  import importlib
+  experiment = importlib.import_module(f"adv_soups.experiments.{module}")
+  workdir = str(tmp_path / module)
+  config = {"adapters": "digits.py", "threats": "digits_threats.py"}[module]
+  with pytest.raises(SystemExit) as info:
+    experiment.main([module, f"--config={REPO}/configs/{config}", f"--workdir={workdir}",
+                     "--overwrite"])
+  assert info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--overwrite" in err[0], err
+  assert not os.path.exists(workdir)

@@ -294,10 +294,7 @@ def run_experiment(base: ml_collections.ConfigDict, workdir: str, *, seeds: int 
 def main(argv: list[str] | None = None) -> dict:
   """Parses the flags (one line and exit 2 on bad input, nothing written), then runs."""
   argv = list(sys.argv if argv is None else argv)
-  values = training_cli.define_flags(EXTRA_FLAGS)
-  _, workdir = training_cli.parse_command_line(argv, values)
-  if values.overwrite:
-    cli.fail("--overwrite is not supported by the experiment: use a new --workdir")
+  values, workdir = training_cli.parse_experiment_command(argv, EXTRA_FLAGS)
   try:
     check_experiment(values.config, workdir, values.seeds, values.attack, values.steps,
                      values.num_examples, values.weights, values.only)
