@@ -10,6 +10,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+# Before XLA's threads first allocate: keep XLA:CPU's buffers mapped between calls (see host_memory).
+from adv_soups import host_memory as _host_memory  # noqa: E402
+
+_host_memory.tune_on_import()
+
 __version__ = "0.1.0"
 
 
