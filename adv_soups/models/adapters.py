@@ -11,6 +11,7 @@ their parameters, so mixing weights `[1 - a, a]` give the same output as the par
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -66,6 +67,53 @@ class ClassToken(nn.Module):
     return jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize(x: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) over the last axis of x [..., W] (LayerNorm without affine).
+
+  Two-pass statistics in float32 at least, and a hand-written backward pass,
+  rstd * (g - mean(g) - y * mean(g * y)): what autodiff makes of flax's LayerNorm costs XLA:CPU
+  several more passes over [B, N, W] per norm. Equal to `nn.LayerNorm` to float noise (tested).
+  """
+  return _normalize_forward(x, epsilon)[0]
+
+
+def _normalize_forward(x, epsilon):
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(compute)
+  centred = xf - xf.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + epsilon)
+  y = centred * rstd
+  return y.astype(x.dtype), (y, rstd)
+
+
+def _normalize_backward(epsilon, residuals, g):
+  del epsilon
+  y, rstd = residuals
+  gf = g.astype(y.dtype)
+  dx = rstd * (gf - gf.mean(-1, keepdims=True) - y * (gf * y).mean(-1, keepdims=True))
+  return (dx.astype(g.dtype),)
+
+
+normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis of [B, ..., W], `scale` / `bias` [W] (flax's names and init)."""
+  epsilon: float = 1e-6
+  use_affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = normalize(x, self.epsilon)
+    if not self.use_affine:
+      return y
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,))
+    bias = self.param("bias", nn.initializers.zeros, (width,))
+    return y * scale.astype(y.dtype) + bias.astype(y.dtype)
+
+
 class Norm(nn.Module):
   """LayerNorm over the last axis of [B, ..., W]; scale and bias per domain if `num_domains` is set."""
   num_domains: int | None = None
@@ -74,12 +122,11 @@ class Norm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, domain: Any = None) -> jax.Array:
     if self.num_domains is None:
-      return nn.LayerNorm(epsilon=self.epsilon, dtype=x.dtype, name="ln")(x)
+      return LayerNorm(self.epsilon, name="ln")(x)
     width = x.shape[-1]
     scale = self.param(DOMAIN_PREFIX + "scale", nn.initializers.ones, (self.num_domains, width))
     bias = self.param(DOMAIN_PREFIX + "bias", nn.initializers.zeros, (self.num_domains, width))
-    y = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=x.dtype,
-                     name="ln")(x)
+    y = LayerNorm(self.epsilon, use_affine=False, name="ln")(x)
     batch = x.shape[0]
     expand = (batch,) + (1,) * (x.ndim - 2) + (width,)
     scale = select(scale, domain, batch).reshape(expand).astype(y.dtype)
