@@ -62,10 +62,13 @@ def main(argv=None) -> dict:
   ours = run_losses(args)
   result = {"steps": own.steps, "batch": args.batch, "ours": ours}
   if own.base:
-    cmd = [sys.executable, "-m", "bench.step_numerics", "--losses_only", f"--steps={own.steps}",
+    # This file as a script: `bench` and `adv_soups` then come from the base tree's PYTHONPATH.
+    cmd = [sys.executable, os.path.abspath(__file__), "--losses_only", f"--steps={own.steps}",
            f"--batch={args.batch}"]
     env = dict(os.environ, PYTHONPATH=os.path.abspath(own.base))
-    out = subprocess.run(cmd, cwd=own.base, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, cwd=own.base, env=env, capture_output=True, text=True)
+    if out.returncode:
+      sys.exit(f"the base tree's run failed:\n{out.stderr[-2000:]}")
     base = json.loads(out.stdout.strip().splitlines()[-1])
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, base)]
     result.update(base=base, relative_difference=rel)
