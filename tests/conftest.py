@@ -46,6 +46,15 @@ def trained_workdir(trained_run):
   return trained_run[0]
 
 
+def perturb(tree, std, seed):
+  """`tree` + std * N(0, 1) noise on every leaf (one key per leaf from jax.random.key(seed))."""
+  import jax
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
 def write_untrained_workdir(workdir, config, step=1, noise=0.0, ema_noise=None):
   """config.json + one checkpoint of freshly initialised parameters (no training), for tests of
   loading and evaluation that need a workdir but not a trained model. `noise`: the std of Gaussian
@@ -59,11 +68,6 @@ def write_untrained_workdir(workdir, config, step=1, noise=0.0, ema_noise=None):
   workdir_lib.save_config(str(workdir), config)
   params = init_params(create_model(config.model), jax.random.key(config.seed),
                        config.model.channels)
-  def perturb(tree, std, seed):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
   saved = {"params": perturb(params, noise, 1) if noise else params}
   if ema_noise is not None:
     saved["ema_params"] = perturb(saved["params"], ema_noise, 2)

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import perturb
 from adv_soups import threats as threats_lib
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import trades
@@ -25,11 +26,7 @@ def three_domains():
                                           num_domains=3, image_size=8, depth=1, width=32,
                                           num_heads=2, mlp_dim=64))
   model = create_model(config)
-  params = init_params(model, jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten([x + 0.5 * jax.random.normal(k, x.shape, x.dtype)
-                              for x, k in zip(leaves, keys)])
+  params = perturb(init_params(model, jax.random.key(0)), 0.5, 2)
   images = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
   labels = jnp.asarray([0, 1, 2, 3])
 

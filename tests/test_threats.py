@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import perturb
 from adv_soups import config_base, soup_weights, soups, threats
 from adv_soups.attacks import pgd as pgd_lib
 from adv_soups.attacks import trades
@@ -22,11 +23,7 @@ def _three_domain_model(adapter):
                                           num_domains=3, image_size=8, depth=1, width=32,
                                           num_heads=2, mlp_dim=64))
   model = create_model(config)
-  params = init_params(model, jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
-                              for x, k in zip(leaves, keys)])
+  params = perturb(init_params(model, jax.random.key(0)), 0.3, 2)
   single = create_model(ml_collections.ConfigDict(dict(config.to_dict(), num_domains=1)))
   return model, single, params
 

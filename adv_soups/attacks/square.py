@@ -120,16 +120,7 @@ def _linf_start(key, x, eps):
 
 
 def _l2_start(key, x, eps):
-  h, w, c = x.shape
-  s, tile, off_r, off_c, n_tiles = shapes.l2_init_tiles(h, w)
-  eta = shapes.meta_pseudo_gaussian(s)
-  k_t, k_s = jax.random.split(key)
-  transpose = jax.random.bernoulli(k_t, 0.5, (n_tiles,))
-  signs = jax.random.rademacher(k_s, (n_tiles, c), jnp.float32)
-  valid = tile >= 0
-  t = np.where(valid, tile, 0)
-  shape = jnp.where(transpose[t], eta.T[off_r, off_c], eta[off_r, off_c])  # [H, W]
-  delta = jnp.where(valid[..., None], shape[..., None] * signs[t], 0.0)
+  delta = shapes.tiled_start(key, *x.shape)
   return jnp.clip(x + eps * _l2_normalize(delta), 0.0, 1.0)
 
 

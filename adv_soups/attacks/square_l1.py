@@ -16,9 +16,7 @@ norm replaced, as described above.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from adv_soups.attacks import l1 as l1_lib
@@ -33,16 +31,7 @@ def _project(delta, x, eps):
 
 def l1_start(key, x, eps):
   """One example's start: x [H, W, C] -> x0 [H, W, C] with |x0 - x|_1 <= eps, in [0, 1]."""
-  h, w, c = x.shape
-  s, tile, off_r, off_c, n_tiles = shapes.l2_init_tiles(h, w)  # pylint: disable=protected-access
-  eta = shapes.meta_pseudo_gaussian(s)
-  k_t, k_s = jax.random.split(key)
-  transpose = jax.random.bernoulli(k_t, 0.5, (n_tiles,))
-  signs = jax.random.rademacher(k_s, (n_tiles, c), jnp.float32)
-  valid = tile >= 0
-  t = np.where(valid, tile, 0)
-  shape = jnp.where(transpose[t], eta.T[off_r, off_c], eta[off_r, off_c])
-  delta = jnp.where(valid[..., None], shape[..., None] * signs[t], 0.0)
+  delta = shapes.tiled_start(key, *x.shape)
   delta = delta * eps / (jnp.sum(jnp.abs(delta)) + _TINY)
   return _project(delta, x, eps)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,6 +50,21 @@ def l2_init_tiles(height: int, width: int):
       off_r[r0:r0 + s, c0:c0 + s] = np.arange(s)[:, None]
       off_c[r0:r0 + s, c0:c0 + s] = np.arange(s)[None, :]
   return s, tile, off_r, off_c, len(rows) * len(cols)
+
+
+def tiled_start(key, height: int, width: int, channels: int) -> jnp.ndarray:
+  """The l_2 / l_1 start's unnormalised perturbation [H, W, C]: the image tiled with meta
+  pseudo-gaussian squares (`l2_init_tiles`), each transposed or not and signed per channel at
+  random (`key`); zero outside every tile."""
+  s, tile, off_r, off_c, n_tiles = l2_init_tiles(height, width)
+  eta = meta_pseudo_gaussian(s)
+  k_t, k_s = jax.random.split(key)
+  transpose = jax.random.bernoulli(k_t, 0.5, (n_tiles,))
+  signs = jax.random.rademacher(k_s, (n_tiles, channels), jnp.float32)
+  valid = tile >= 0
+  t = np.where(valid, tile, 0)
+  shape = jnp.where(transpose[t], eta.T[off_r, off_c], eta[off_r, off_c])  # [H, W]
+  return jnp.where(valid[..., None], shape[..., None] * signs[t], 0.0)
 
 
 def position(u, n, s):
