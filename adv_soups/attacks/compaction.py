@@ -2,12 +2,14 @@
 
 An iterative attack (Square's queries, FAB's iterations) runs `body(i, rows) -> rows` on a batch of
 B rows for i = start .. stop - 1. Every `chunk` iterations the rows still active are moved to the
-front (a stable order: active rows by position, then the others) and the next chunk runs on the
-first `size` rows only, `size` the smallest of a few static bucket sizes (`bucket_sizes`: B, then
-about B/2, B/4, B/8, multiples of 8) that holds every active row; the rows it ran on are written
-back, the others are left as they were. A `lax.switch` picks the bucket, so the whole stage is still
-one compiled program with fixed shapes (one copy of the model per bucket size); a chunk with no
-active row runs nothing.
+front (a stable order: active rows by position, then the others) and the next chunk runs on
+micro-batches of `micro` rows taken in that order, only as many as hold every active row
+(ceil(active / micro)); each micro-batch's rows are written back, the rows no micro-batch took are
+left as they were. The last micro-batch is shifted back to end at row B when it would run past it
+(B need not be a multiple of `micro`); its rows that an earlier micro-batch already ran are not
+written back. So the stage stays one compiled program with fixed shapes and *one* copy of the
+model (at `micro` rows), a chunk with no active row runs nothing, and the work follows the active
+rows in steps of `micro` rows.
 
 What makes it exact: `body` must treat rows independently (the model too: no batch statistics),
 take everything it needs per row from `rows` (the clean images, labels, per-example random keys,
@@ -24,22 +26,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MIN_BUCKET = 8  # buckets are multiples of this (below it, a smaller batch saves nothing)
+MIN_MICRO = 8  # micro-batches are multiples of this (below it, a smaller batch saves nothing)
+MICRO_FRACTION = 2  # a micro-batch is about half the batch (smaller ones run slower per row on CPU)
 
 
-def bucket_sizes(batch: int, num_sizes: int = 4, multiple: int = MIN_BUCKET) -> tuple[int, ...]:
-  """Static row counts a chunk may run on, descending: (batch, ~batch/2, ~batch/4, ...).
-
-  Each smaller size is ceil(batch / 2^k) rounded up to a multiple of `multiple`; sizes not below
-  the previous one are dropped, so a small batch gets fewer (batch <= multiple: only (batch,)).
-  """
-  sizes = [int(batch)]
-  for k in range(1, num_sizes):
-    s = -(-int(batch) // 2 ** k)
-    s = -(-s // multiple) * multiple
-    if s < sizes[-1]:
-      sizes.append(s)
-  return tuple(sizes)
+def micro_batch(batch: int, fraction: int = MICRO_FRACTION, multiple: int = MIN_MICRO) -> int:
+  """Rows per micro-batch for a batch of `batch` rows: ceil(batch / fraction) rounded up to a
+  multiple of `multiple`, at most `batch` (a batch of <= `multiple` rows is not compacted)."""
+  size = -(-int(batch) // int(fraction))
+  return min(int(batch), -(-size // multiple) * multiple)
 
 
 def _take(tree, idx):
@@ -51,48 +46,47 @@ def _put(tree, idx, sub):
 
 
 def compacted_loop(body: Callable[[Any, Any], Any], rows: Any, active: Callable[[Any], Any],
-                   start: int, stop: int, *, chunk: int, sizes: tuple[int, ...]) -> Any:
+                   start: int, stop: int, *, chunk: int, micro: int) -> Any:
   """`rows = body(i, rows)` for i in [start, stop), compacting the active rows every `chunk` steps.
 
   Args:
     body: (i int32 scalar, rows) -> rows; rows a pytree of arrays with a common leading axis
-      [b, ...] (b any of `sizes`); must leave inactive rows unchanged (see the module docstring).
-    rows: the pytree, leading axis B = sizes[0].
+      [b, ...] (b = B or `micro`); must leave inactive rows unchanged (see the module docstring).
+    rows: the pytree, leading axis B.
     active: rows -> [b] bool, the rows that still need iterations (evaluated at each chunk start).
     start, stop: static iteration range.
     chunk: iterations between two compactions (>= 1).
-    sizes: `bucket_sizes(B)`; (B,) alone turns compaction off (one plain `fori_loop`).
+    micro: rows per micro-batch (`micro_batch(B)`); >= B turns compaction off (one plain
+      `fori_loop` over all rows).
 
   Returns: rows after the last iteration, leading axis B.
   """
   if stop <= start:
     return rows
-  if len(sizes) == 1:
+  batch = jax.tree_util.tree_leaves(rows)[0].shape[0]
+  if micro >= batch:
     return lax.fori_loop(start, stop, body, rows)
-  batch = sizes[0]
   num_chunks = -(-(stop - start) // chunk)
-
-  def run(first, last, sub):
-    return lax.fori_loop(first, last, body, sub)
+  position = jnp.arange(batch, dtype=jnp.int32)
 
   def chunk_body(c, rows):
     first = start + c * chunk
     last = jnp.minimum(first + chunk, stop)
     act = active(rows)
     n = jnp.sum(act.astype(jnp.int32))
-    position = jnp.arange(batch, dtype=jnp.int32)
     order = jnp.argsort(jnp.where(act, position, batch + position))  # active first, stable
 
-    def branch(size):
-      if size == batch:
-        return lambda r: run(first, last, r)
+    def micro_body(m, rows):
+      begin = m * micro
+      offset = jnp.minimum(begin, batch - micro)  # the last one ends at row B
+      idx = lax.dynamic_slice(order, (offset,), (micro,))
+      sub = _take(rows, idx)
+      out = lax.fori_loop(first, last, body, sub)
+      fresh = offset + jnp.arange(micro) >= begin  # rows an earlier micro-batch has not run
+      out = jax.tree_util.tree_map(
+          lambda o, s: jnp.where(fresh.reshape((-1,) + (1,) * (o.ndim - 1)), o, s), out, sub)
+      return _put(rows, idx, out)
 
-      def compact(r):
-        idx = order[:size]
-        return _put(r, idx, run(first, last, _take(r, idx)))
-      return compact
-    branches = [branch(s) for s in sizes] + [lambda r: r]  # last: nothing active
-    smallest = jnp.sum(jnp.asarray(sizes) >= n) - 1  # index of the smallest size holding n
-    return lax.switch(jnp.where(n == 0, len(sizes), smallest), branches, rows)
+    return lax.fori_loop(0, -(-n // micro), micro_body, rows)
 
   return lax.fori_loop(0, num_chunks, chunk_body, rows)

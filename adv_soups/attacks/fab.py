@@ -23,7 +23,8 @@ clipped to [0, 1]; AutoAttack's radius is eps / 2, the same for every example no
 within eps. eps is used only there and in `within_eps`. AutoAttack runs later restarts only on the
 examples not yet broken within eps; here too (with `compact`, the default): an example whose
 closest point is within eps stops, and every 10 iterations the examples still running are
-gathered into a smaller static batch (`compaction`), so broken ones stop costing compute.
+run in as few micro-batches of ~B/2 rows as hold them (`compaction`), so broken ones stop costing
+compute.
 
 The projection onto {w . z = b} intersected with the box, for both norms, solves one scalar
 equation: after flipping the sign so that c = w . t - b >= 0, every coordinate moves against its
@@ -237,9 +238,10 @@ def _fab_run(logits_fn, rows, *, num_steps, norm, alpha_max, eta, beta, eps, com
                 best=jnp.where(_bcast(better, x), x_new, best),
                 best_dist=jnp.where(better, dist, best_dist))
 
-  sizes = compaction.bucket_sizes(rows["x"].shape[0]) if compact else (rows["x"].shape[0],)
+  bsz = rows["x"].shape[0]
+  micro = compaction.micro_batch(bsz) if compact else bsz
   return compaction.compacted_loop(body, rows, lambda r: ~done(r), 0, num_steps,
-                                   chunk=compact_every, sizes=sizes)
+                                   chunk=compact_every, micro=micro)
 
 
 def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 100,
@@ -272,8 +274,8 @@ def fab_t_single(logits_fn, images, labels, rng, rank, *, eps, num_steps: int = 
       weights), gathered with their rows.
     compact: a row stops once its closest point is misclassified and within eps (it is broken;
       later iterations would only bring it closer to x), and every `compact_every` iterations the
-      rows still running are gathered into the smallest of a few static batch sizes that holds
-      them (`compaction`). Which rows end within eps is the same as with False; the points of
+      rows still running are gathered and run in as few micro-batches of ~B/2 rows as hold them
+      (`compaction`). Which rows end within eps is the same as with False; the points of
       those rows are then the first within eps, not the closest after all iterations.
     compact_every: iterations between two compactions.
 

@@ -16,9 +16,10 @@ standard version: 5,000 queries, p_init = 0.8, one restart, the CW margin loss.
   - The candidate replaces the current point only when the margin loss max_{j != y} z_j - z_y
     increases strictly, or when the candidate is misclassified.
   - An example stops changing once its current point is misclassified (a mask), and every
-    `compact_every` (100) queries the examples not yet broken are gathered into the smallest of a
-    few static batch sizes that holds them, so broken ones stop costing forward passes
-    (`compaction`; the per-example random streams make the results the same as without it).
+    `compact_every` (100) queries the examples not yet broken are gathered to the front and run
+    in micro-batches of about half the batch, only as many as hold them, so broken ones
+    stop costing forward passes (`compaction`; the per-example random streams make the results
+    the same as without it).
   - Side length: s_i = round(sqrt(p_i H W)) (at least 1; l_2: at least 3 and odd), at most
     min(H, W), where p_i = p_init / 2^k halves after iterations 10, 50, 200, 500, 1000, 2000,
     4000, 6000 and 8000 (`p_schedule`). AutoAttack's standard version uses this schedule as it
@@ -247,9 +248,9 @@ def square_run(logits_fn, images, labels, rng, *, eps: float, num_queries: int =
   rows = dict(x=x, y=labels, keys=keys, args=row_args, x_cur=x0, loss=loss0,
               wrong=wrong0 | clean_wrong,
               queries=jnp.where(clean_wrong, 0, 1).astype(jnp.int32))
-  sizes = compaction.bucket_sizes(bsz) if compact else (bsz,)
+  micro = compaction.micro_batch(bsz) if compact else bsz
   rows = compaction.compacted_loop(body, rows, lambda r: ~r["wrong"], 0, int(num_queries),
-                                   chunk=int(compact_every), sizes=sizes)
+                                   chunk=int(compact_every), micro=micro)
   return rows["x_cur"], rows["wrong"], rows["queries"]
 
 
@@ -275,8 +276,8 @@ def square(logits_fn, images, labels, rng, *, eps: float, num_queries: int = NUM
     example_index: optional [B] int global example index (default arange(B)), for shard_map.
     row_args: per-row arrays [B, ...] passed to logits_fn after the images (e.g. soup mixing
       weights), gathered with their rows.
-    compact: every `compact_every` queries, run only the rows not yet broken (in the smallest of
-      a few static batch sizes that holds them; `compaction`). Same results as False.
+    compact: every `compact_every` queries, run only the rows not yet broken (in as many
+      micro-batches of ~B/2 rows as hold them; `compaction`). Same results as False.
     compact_every: queries between two compactions.
 
   Returns:
