@@ -11,6 +11,7 @@ from typing import NoReturn, Sequence
 
 from absl import flags
 
+from adv_soups import compile_cache
 from adv_soups.numbers import parse_alphas, parse_eps, parse_number  # noqa: F401 (re-exported)
 
 
@@ -20,17 +21,33 @@ def fail(message: str) -> NoReturn:
   sys.exit(2)
 
 
+HELP_ARGS = ("--help", "-help", "-h", "--helpfull", "--helpshort")
+
+
+def exit_with_help_if_asked(argv: Sequence[str], flag_values: flags.FlagValues) -> None:
+  """`--help` (or -h, --helpfull) anywhere in argv[1:]: prints the program's flags with their
+  help and defaults to stdout and exits 0 (nothing else runs)."""
+  if any(a in HELP_ARGS for a in list(argv)[1:]):
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = (f"python -m {spec.name}" if spec is not None and spec.name
+               else os.path.basename(sys.argv[0] if sys.argv else "") or "program")
+    print(f"usage: {program} [--flag=value ...]\n{flag_values.get_help()}")
+    sys.exit(0)
+
+
 def parse_flags(argv: Sequence[str] | None, flag_values: flags.FlagValues | None = None
                 ) -> list[str]:
   """Parses absl flags (default: the global FLAGS) from `argv` (default sys.argv); a bad flag or
-  an extra argument fails (exit 2)."""
+  an extra argument fails (exit 2); --help prints the flags (exit 0)."""
   argv = list(sys.argv if argv is None else argv)
+  exit_with_help_if_asked(argv, flags.FLAGS if flag_values is None else flag_values)
   try:
     extra = (flags.FLAGS if flag_values is None else flag_values)(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   if len(extra) > 1:
     fail(f"unexpected arguments {extra[1:]}")
+  compile_cache.enable()  # after the flags: bad input writes nothing
   return extra
 
 

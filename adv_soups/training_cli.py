@@ -19,10 +19,11 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from adv_soups import disk_space, memory, parallel, preemption, screen, training
+from adv_soups import compile_cache, disk_space, memory, parallel, preemption, screen, training
 from adv_soups import workdir_lock
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import data as data_lib
+from adv_soups import cli
 from adv_soups.cli import fail
 from adv_soups.numbers import fractions_to_numbers
 
@@ -60,6 +61,7 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
   values = define_flags() if flag_values is None else flag_values
   screen.quiet_libraries()  # before TFDS prepares anything
   argv = fractions_to_numbers(argv)
+  cli.exit_with_help_if_asked(argv, values)
   saved_argv, sys.argv = sys.argv, argv  # config_flags reads --config.x overrides from sys.argv
   try:
     extra = values(argv)
@@ -73,6 +75,7 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
     fail(f"unexpected arguments {extra[1:]}")
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # absl logging's own flags keep their defaults
+  compile_cache.enable()  # after the flags: bad input writes nothing
   try:
     parallel.initialize_from_flags(values)
   except ValueError as e:

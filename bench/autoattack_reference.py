@@ -18,7 +18,9 @@
      counted only within eps (as fra31/auto-attack). torchattacks' own
      `AutoAttack(version="standard")` is not used: it runs 10 iterations and a rescaled Square.
    - ours: `python -m adv_soups.evaluate --workdir=DIR --attack=autoattack --alpha=1
-     --num_examples=N` of this tree, and of `--base` (another checkout, e.g. before a change).
+     --num_examples=N` of this tree with an empty persistent compilation cache (cold: every
+     program compiled), then again finding them in that cache (warm, as a second evaluation of
+     the model; `--no_warm` skips it), and of `--base` (another checkout, e.g. before a change).
 4. One JSON line appended to `--out` (CPU model, both accuracies, wall times, per-attack seconds)
    and a table printed.
 """
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,13 +179,15 @@ def prepare(workdir: str, num_examples: int, out_dir: str) -> tuple[str, str]:
   return npz, data
 
 
-def run_ours(tree: str, workdir: str, num_examples: int) -> dict:
-  """`adv_soups.evaluate` of `tree` as a fresh process; its wall time and report figures."""
+def run_ours(tree: str, workdir: str, num_examples: int, cache_dir: str | None = None) -> dict:
+  """`adv_soups.evaluate` of `tree` as a fresh process; its wall time and report figures.
+  cache_dir: its persistent compilation cache (`adv_soups.compile_cache`); None: off."""
   with tempfile.TemporaryDirectory() as out_dir:
     cmd = [sys.executable, "-m", "adv_soups.evaluate", f"--workdir={workdir}",
            "--attack=autoattack", "--alpha=1", f"--num_examples={num_examples}",
            f"--out_dir={out_dir}"]
-    proc, wall, cpu = _timed(cmd, cwd=tree, env=_env(tree))
+    env = dict(_env(tree), ADV_SOUPS_COMPILATION_CACHE=cache_dir or "off")
+    proc, wall, cpu = _timed(cmd, cwd=tree, env=env)
     if proc.returncode:
       raise RuntimeError(f"{' '.join(cmd)} (in {tree}) failed:\n{proc.stderr[-3000:]}")
     reports = [json.load(open(p)) for p in glob.glob(os.path.join(out_dir, "*.json"))]
@@ -224,7 +229,8 @@ def cpu_model() -> str:
 def table(record: dict) -> str:
   """The printed comparison: accuracies, wall times and per-attack seconds (rows attacked)."""
   cols = [("public (torchattacks)", record.get("public"))] + [
-      (f"ours: {name}", record.get(name)) for name in ("after", "before") if record.get(name)]
+      (f"ours: {name.replace('_', ' ')}", record.get(name))
+      for name in ("after", "after_warm_cache", "before") if record.get(name)]
   cols = [(n, c) for n, c in cols if c]
   lines = ["| | " + " | ".join(n for n, _ in cols) + " |",
            "| --- |" + " --- |" * len(cols)]
@@ -261,6 +267,9 @@ def main(argv=None) -> None:
   p.add_argument("--base", default=None, help="another checkout to time too (e.g. before)")
   p.add_argument("--torch_python", default=os.path.join(ROOT, ".venv-timm", "bin", "python"))
   p.add_argument("--skip_public", action="store_true", help="only our side(s)")
+  p.add_argument("--no_warm", action="store_true",
+                 help="skip the second run of this tree that finds its compiled programs in the "
+                      "persistent compilation cache the first (cold) run filled")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "autoattack.jsonl"))
   args = p.parse_args(argv)
   if args.side == "torch":
@@ -283,7 +292,11 @@ def main(argv=None) -> None:
                 eps=EPS, norm="linf")
   steps = [] if args.skip_public else [("public", lambda: run_public(args.torch_python, npz,
                                                                       data))]
-  steps.append(("after", lambda: run_ours(ROOT, workdir, args.num_examples)))
+  cache_dir = tempfile.mkdtemp(prefix="adv_soups_xla_")  # empty: the first run is cold
+  steps.append(("after", lambda: run_ours(ROOT, workdir, args.num_examples, cache_dir)))
+  if not args.no_warm:
+    steps.append(("after_warm_cache", lambda: run_ours(ROOT, workdir, args.num_examples,
+                                                       cache_dir)))
   if args.base:
     steps.append(("before", lambda: run_ours(os.path.abspath(args.base), workdir,
                                              args.num_examples)))
@@ -292,6 +305,7 @@ def main(argv=None) -> None:
     print(f"{name}: " + json.dumps({k: v for k, v in record[name].items() if k != "robust"}),
           flush=True)
   record["load_average_end"] = os.getloadavg()
+  shutil.rmtree(cache_dir, ignore_errors=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "a") as f:
     public = record.get("public", {})

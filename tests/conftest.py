@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache for the programs that tests run (in this process or as
+# subprocesses): each test compiles what it runs (tests/test_compile_cache.py tests the cache).
+os.environ["ADV_SOUPS_COMPILATION_CACHE"] = "off"
 
 import pytest
 
