@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 
 # The whole suite, slow tests included (what CI runs).
 test: install
-	$(PYTEST) -q tests
+	$(PYTEST) -q --durations=25 tests
 
 # Everything but the tests marked slow (end-to-end training, notebook): for local work.
 test-fast: install

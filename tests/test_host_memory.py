@@ -23,10 +23,12 @@ w1, w2 = jax.random.normal(k[0], (256, 2048)) * 0.05, jax.random.normal(k[1], (2
 x = jax.random.normal(k[2], (4096, 256))
 for _ in range(3):
   jax.block_until_ready(grads(w1, w2, x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(7):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(grads(w1, w2, x))
-print(host_memory.applied(), int((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(host_memory.applied(), sorted(faults)[len(faults) // 2])  # the median call
 """
 
 
@@ -44,7 +46,9 @@ def test_tuned_allocator_reuses_pages_that_the_default_faults_in_at_every_call()
   assert applied and not default_applied
   # Each call's temporaries (several 32 MiB blocks, 8,192 pages each) are mapped afresh by the
   # default allocator; the tuned one reuses them (measured 0-5,000 faults a call against ~25,000:
-  # outputs freed after the next call has allocated still fault in now and then).
+  # outputs freed after the next call has allocated still fault in now and then). The median
+  # call, not the mean: a host that pages out idle memory (this VM's DAMON reclaim) faults a
+  # kept page in again now and then (a mean of 19,000 against 35,600 once in a full suite).
   assert default_faults > 12_000, default_faults
   assert faults * 4 < default_faults, (faults, default_faults)
 
