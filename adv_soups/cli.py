@@ -31,7 +31,10 @@ def exit_with_help_if_asked(argv: Sequence[str], flag_values: flags.FlagValues) 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     program = (f"python -m {spec.name}" if spec is not None and spec.name
                else os.path.basename(sys.argv[0] if sys.argv else "") or "program")
-    print(f"usage: {program} [--flag=value ...]\n{flag_values.get_help()}")
+    try:
+      print(f"usage: {program} [--flag=value ...]\n{flag_values.get_help()}", flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left; no traceback
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
 
 
