@@ -300,12 +300,14 @@ def main(argv=None) -> None:
   if args.base:
     steps.append(("before", lambda: run_ours(os.path.abspath(args.base), workdir,
                                              args.num_examples)))
-  for name, run in steps:  # each result printed when it comes (a long run keeps what it has)
-    record[name] = run()
-    print(f"{name}: " + json.dumps({k: v for k, v in record[name].items() if k != "robust"}),
-          flush=True)
+  try:
+    for name, run in steps:  # each result printed when it comes (a long run keeps what it has)
+      record[name] = run()
+      print(f"{name}: " + json.dumps({k: v for k, v in record[name].items() if k != "robust"}),
+            flush=True)
+  finally:  # also when a side fails
+    shutil.rmtree(cache_dir, ignore_errors=True)
   record["load_average_end"] = os.getloadavg()
-  shutil.rmtree(cache_dir, ignore_errors=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "a") as f:
     public = record.get("public", {})

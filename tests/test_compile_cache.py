@@ -52,3 +52,22 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   assert runs[0].stdout == runs[1].stdout
   assert "cache hit" not in runs[0].stderr.lower()
   assert "persistent compilation cache hit" in runs[1].stderr.lower()
+
+
+@pytest.mark.parametrize("program", ["evaluate", "train"])
+def test_programs_turn_it_on_after_their_flags_parse(program, jax_cache_dir, monkeypatch,
+                                                     tmp_path, capsys):
+  """Both flag parsers (cli.parse_flags: evaluate, sweep, export; training_cli: train, demo, the
+  experiments) turn the cache on once the flags parse; a bad flag exits 2 before it."""
+  from adv_soups import evaluate, train
+  main = {"evaluate": evaluate.main, "train": train.main}[program]
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+  with pytest.raises(SystemExit) as exit_info:
+    main([program, "--no_such_flag=1"])
+  assert exit_info.value.code == 2
+  assert jax.config.jax_compilation_cache_dir is None
+  with pytest.raises(SystemExit) as exit_info:  # parses, then refuses: --workdir / --config missing
+    main([program])
+  assert exit_info.value.code == 2
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+  assert not (tmp_path / "cache").exists()  # nothing written: nothing was compiled
