@@ -18,13 +18,18 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The whole suite, slow tests included (what CI runs).
+# The whole suite, slow tests included (what CI runs): TEST_WORKERS pytest processes (most tests
+# compile on one core or wait on subprocesses; two processes keep both cores busy), a test file
+# per process at a time (its module fixtures are built once), then the tests marked serial alone.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 test: install
-	$(PYTEST) -q --durations=25 tests
+	$(PYTEST) -q $(XDIST) --durations=25 -m "not serial" tests
+	$(PYTEST) -q -m serial tests
 
 # Everything but the tests marked slow (end-to-end training, notebook): for local work.
 test-fast: install
-	$(PYTEST) -q -m "not slow" tests
+	$(PYTEST) -q $(XDIST) -m "not slow and not serial" tests
 
 # timm interop (the exports load in timm with equal logits): a torch venv of its own, never the
 # package's. Python 3.11: torch 2.14.1 + torchvision 0.29.1 come from these machines' local disk
