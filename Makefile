@@ -20,7 +20,8 @@ $(VENV)/.installed: setup.py
 
 # The whole suite, slow tests included (what CI runs): TEST_WORKERS pytest processes (most tests
 # compile on one core or wait on subprocesses; two processes keep both cores busy), a test file
-# per process at a time (its module fixtures are built once), then the tests marked serial alone.
+# per process at a time (its module fixtures are built once), then the tests marked serial alone
+# (pytest exits 5 if none is marked: the suite then fails rather than skip them silently).
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 test: install
