@@ -23,7 +23,7 @@ def test_help_lists_the_flags_and_exits_0(main, flags, arg, capsys, tmp_path, mo
   assert not list(tmp_path.iterdir())
 
 
-def test_help_into_a_closed_pipe_exits_0_without_a_traceback(monkeypatch, capsys):
+def test_help_into_a_closed_pipe_exits_0_without_a_traceback(monkeypatch):
   """`python -m adv_soups.evaluate --help | head -1`: the reader leaves early, the write fails
   with BrokenPipeError; the program still exits 0 and stdout is pointed at /dev/null (so the
   interpreter's flush at exit prints no traceback)."""
