@@ -31,7 +31,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _applied: bool | None = None
 
 
-def _accelerator_installed() -> bool:
+def accelerator_installed() -> bool:
   """Whether jax may pick a non-CPU backend here (libtpu or a jax_plugins package is installed)."""
   platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").lower().split(",")} - {""}
   if platforms:
@@ -60,7 +60,7 @@ def tune_host_allocator(mode: str | None = None) -> bool:
   _applied = False
   if mode == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return _applied
-  if mode == "auto" and _accelerator_installed():
+  if mode == "auto" and accelerator_installed():
     return _applied
   libc = ctypes.CDLL(None)
   # -1 as M_TRIM_THRESHOLD is SIZE_MAX inside glibc: never give the heap's top back.

@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from adv_soups import compile_cache, disk_space, memory, parallel, preemption, screen, training
-from adv_soups import workdir_lock
+from adv_soups import host_devices, workdir_lock
 from adv_soups import checkpoints as ckpt_lib
 from adv_soups import data as data_lib
 from adv_soups import cli
@@ -84,11 +84,25 @@ def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = N
   if raw_config is None or not values.workdir:
     fail("both --config=configs/NAME.py and --workdir=DIR are required")
   try:
+    split_cpu_for(raw_config)  # before resolve_config asks JAX for its devices
     config = training.resolve_config(raw_config)
     data_lib.check_available(config.data)
   except (ValueError, OSError) as e:  # OSError: a missing config file or data set
     fail(" ".join(str(e).split()))
   return config, values.workdir
+
+
+def split_cpu_for(raw_config: ml_collections.ConfigDict) -> int:
+  """`host_devices.split_for_training` for the config's train batch (in pairs with mixup): on a
+  CPU-only host, k CPU devices instead of one (the standard step ~12% faster on 2 cores).
+  Returns k (1: jax left alone)."""
+  from adv_soups.data import mixup as mixup_lib
+  try:
+    batch_size = raw_config.train.get("batch_size")
+    pairs = mixup_lib.enabled(raw_config.get("data", {}).get("mixup"))
+  except (AttributeError, TypeError):  # a malformed config: resolve_config says what is wrong
+    return 1
+  return host_devices.split_for_training(batch_size, multiple=2 if pairs else 1)
 
 
 def main(argv: list[str] | None = None, flag_values: flags.FlagValues | None = None) -> None:

@@ -14,7 +14,9 @@ Standard configuration (the performance issue): ViT width 192, depth 6, 3 heads,
 images, patch 4, 10 classes, token adapter, global batch 128, PGD-2 l_inf eps 4/255 with a random
 start, AdamW, float32. The step is the project's own: the config comes from
 `training.base_config()` + `training.resolve_config`, the mesh spans `jax.devices()`, and the step
-is `training.make_train_step`, compiled ahead of time (its compile time is reported; the timed calls
+is `training.make_train_step`, compiled ahead of time; on a CPU-only host the CPU is split into
+devices as the training programs split it (`adv_soups.host_devices`: 4 for batch 128;
+`ADV_SOUPS_CPU_DEVICES=1` for one device) (its compile time is reported; the timed calls
 cannot recompile). Warm-up excluded; `--repeats` timed repetitions of `--steps` steps each; the
 median and the spread (min, max) are reported.
 
@@ -245,6 +247,8 @@ def ratios(numerators: list[float], denominators: list[float]) -> dict:
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   args_b = parse_args(list(argv or sys.argv[1:]) + shlex.split(args.ab)) if args.ab else None
+  from adv_soups import host_devices
+  host_devices.split_for_training(args.batch)  # as the training programs do, before jax starts
   import jax
   if args.backend:
     jax.config.update("jax_platforms", args.backend)

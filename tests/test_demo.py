@@ -17,8 +17,14 @@ def test_demo_trains_then_sweeps(tmp_path):
              "--config.train.steps=8", "--config.evals.val.every=0",
              "--config.train.checkpoint_every=0", "--config.model.depth=1",
              "--config.eval.num_examples=24", "--config.eval.attack_steps=1"]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  # As on a user's CPU-only machine: no device count in XLA_FLAGS (conftest's 8 taken out), so the
+  # program splits the CPU for its batch of 128 (adv_soups.host_devices).
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", ""))
+  env.pop("ADV_SOUPS_CPU_DEVICES", None)
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "Devices: 4 x cpu (4 per process)" in (workdir / "train.log").read_text()
   assert "[demo] 2/2" in result.stdout and "alpha  clean %  robust %" in result.stdout
   table = [line for line in result.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
   assert len(table) == 2  # the alpha = 0 and alpha = 1 rows (11 rows in all)
@@ -29,7 +35,7 @@ def test_demo_trains_then_sweeps(tmp_path):
   assert report.with_suffix(".png").stat().st_size > 1000
   assert f"[demo] wrote {report.with_suffix('')}" in result.stdout
   # Re-running resumes the finished run (no retraining) and sweeps again.
-  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained to step 8" in again.stdout  # one plain line; absl's is in train.log
 

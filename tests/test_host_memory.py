@@ -72,4 +72,4 @@ def test_auto_mode_leaves_accelerator_hosts_alone(monkeypatch, platforms, plugin
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   monkeypatch.setattr(host_memory.importlib.util, "find_spec",
                       lambda name: object() if plugin and name == "libtpu" else None)
-  assert host_memory._accelerator_installed() is expected
+  assert host_memory.accelerator_installed() is expected

@@ -196,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                                          mesh), state, mesh, workdir)
   if on_checked is not None:
     on_checked()
+  logging.info("Devices: %d x %s (%d per process)", jax.device_count(),
+               jax.devices()[0].device_kind, jax.local_device_count())
   if jax.process_index() == 0:
     workdir_lib.save_config(workdir, config)
   train_iter = data_lib.train_iterator(config.data, global_batch_size=train_cfg.batch_size,
