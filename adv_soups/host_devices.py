@@ -13,7 +13,8 @@ device, 201 s with 4, cold); losses equal to a relative 3e-7 over 50 steps.
 once, then): k = $ADV_SOUPS_CPU_DEVICES when set (1 leaves jax alone), else the largest of 4 and 2
 that divides batch_size / multiple. The training programs (`adv_soups.train`, `make demo`) call it;
 importing adv_soups does not. Left alone: a host with an accelerator plugin (see `host_memory`),
-XLA_FLAGS that already names a device count, a backend already started, a multi-process run.
+a device count already named (XLA_FLAGS, JAX_NUM_CPU_DEVICES), a backend already started, a
+multi-process run.
 """
 from __future__ import annotations
 
@@ -53,13 +54,23 @@ def split_for_training(batch_size: object, multiple: int = 1) -> int:
   """Before jax's backend starts, on a CPU-only single-process host, appends FLAG=k to XLA_FLAGS
   (k = `requested_count(batch_size, multiple)`; `multiple`: rows each device needs in pairs, 2 with
   mixup). Returns the k set, or 1 where jax is left alone (see the module's docstring)."""
-  count = requested_count(batch_size, multiple)
   flags = os.environ.get("XLA_FLAGS", "")
-  if (count == 1 or FLAG in flags or host_memory.accelerator_installed() or _backend_started()
-      or _multi_process()):
+  if (FLAG in flags or _cpu_count_set_in_jax() or host_memory.accelerator_installed()
+      or _backend_started() or _multi_process()):
     return 1
-  os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={count}".strip()
+  count = requested_count(batch_size, multiple)  # read only where it is used
+  if count > 1:
+    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={count}".strip()
   return count
+
+
+def _cpu_count_set_in_jax() -> bool:
+  """Whether jax's own setting (JAX_NUM_CPU_DEVICES, jax.config) names the CPU device count: it
+  overrides the XLA flag."""
+  if os.environ.get("JAX_NUM_CPU_DEVICES", "").strip():
+    return True
+  import jax
+  return getattr(jax.config, "jax_num_cpu_devices", -1) not in (-1, None)
 
 
 def _multi_process() -> bool:

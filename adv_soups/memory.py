@@ -5,10 +5,10 @@ outputs + temporaries - the outputs that alias donated arguments, from
 `Compiled.memory_analysis()`), plus what stays resident meanwhile and is not one of its
 arguments (e.g. the train state during a periodic evaluation). What the device offers is
 `memory_stats()["bytes_limit"]` on a GPU / TPU, MemAvailable of /proc/meminfo on the CPU (where
-`memory_stats()` is None), or the environment variable ADV_SOUPS_DEVICE_MEMORY (bytes: an
-override for tests and for users who want head room). A program above it is refused with one line
-naming it, the bytes needed and offered and the config field to lower with a suggested value; one
-within 10% of it is a warning.
+`memory_stats()` is None) shared equally by the process's CPU devices, or the environment
+variable ADV_SOUPS_DEVICE_MEMORY (bytes: an override for tests and for users who want head room).
+A program above it is refused with one line naming it, the bytes needed and offered and the
+config field to lower with a suggested value; one within 10% of it is a warning.
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def tree_bytes(tree: Any) -> int:
 
 def available_bytes(device: Any = None) -> int:
   """Bytes the device offers: $ADV_SOUPS_DEVICE_MEMORY when set, else
-  `memory_stats()["bytes_limit"]` (GPU / TPU), else MemAvailable of /proc/meminfo (CPU); 0 when
-  nothing says (the check is then skipped)."""
+  `memory_stats()["bytes_limit"]` (GPU / TPU), else MemAvailable of /proc/meminfo divided by the
+  process's CPU devices (CPU: the needs checked are one device's); 0 when nothing says (the check
+  is then skipped)."""
   override = os.environ.get(ENV_OVERRIDE)
   if override:
     return int(float(override))
@@ -87,7 +88,9 @@ def available_bytes(device: Any = None) -> int:
     stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  return _mem_available()
+  # Host devices (adv_soups.host_devices, XLA_FLAGS) share the host's memory, each holding its own
+  # arguments and temporaries at once: each gets its share.
+  return _mem_available() // max(len(jax.local_devices(backend=device.platform)), 1)
 
 
 def _mem_available(path: str = "/proc/meminfo") -> int:

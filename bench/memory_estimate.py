@@ -1,18 +1,21 @@
 """The memory check's estimate against the real peak, on the CPU, for three programs.
 
-  .venv/bin/python -m bench.memory_estimate [--programs train,eval,sweep]
+  .venv/bin/python -m bench.memory_estimate [--programs train,eval,sweep] [--devices 4]
 
 Each program runs in its own fresh process: it is compiled ahead of time from abstract
 arguments (nothing allocated), then the process's peak RSS is reset (`echo 5 >
 /proc/self/clear_refs`, Linux), the arguments are allocated and the compiled object is executed
 once; real = VmHWM (peak RSS since the reset) - VmRSS at the reset. The estimate is
-`memory.compiled_bytes` (arguments + outputs + temporaries - aliased). Caveat: memory the
+`memory.compiled_bytes` (arguments + outputs + temporaries - aliased) times the devices: with
+`--devices K` the process has K CPU devices sharing its memory, the batch sharded over them (as
+the training programs split the CPU, `adv_soups.host_devices`), and the memory check compares one
+device's need with MemAvailable / K, the same test. Caveat: memory the
 allocator kept from the compilation can be reused without raising RSS, so `real` can read low;
 XLA:CPU's thread-local scratch and the runtime's own buffers make it read high. Prints one JSON
 line per program.
 
 Programs (the standard bench model: ViT width 192, depth 6, 3 heads, MLP 768, 32x32x3, patch 4,
-10 classes, token adapters, one CPU device):
+10 classes, token adapters, one CPU device unless --devices):
   train  the co-training step, batch 128, PGD-2 (`training.make_train_step`).
   eval   a periodic evaluation's PGD-20 stage on 512 rows (clean and adversarial columns),
          every row attacked (labels = its own prediction, so the compaction drops none).
@@ -48,7 +51,7 @@ def _config(batch: int):
   return training.resolve_config(config)
 
 
-def measure(program: str) -> dict:
+def measure(program: str, devices: int = 1) -> dict:
   """Runs in the child process: compile, reset the peak, allocate, execute once."""
   import jax
   import jax.numpy as jnp
@@ -56,7 +59,8 @@ def measure(program: str) -> dict:
   from adv_soups import memory, parallel, training
   from adv_soups.evaluation import engine
   from adv_soups.models import create_model
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  assert jax.device_count() >= devices, (jax.device_count(), devices)
+  mesh = parallel.make_mesh(jax.devices()[:devices])
   config = _config(128)
   model = create_model(config.model)
   if program == "train":
@@ -65,7 +69,7 @@ def measure(program: str) -> dict:
     batch = {"image": jax.ShapeDtypeStruct((128, 32, 32, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((128,), jnp.int32)}
     compiled = training.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
-    estimate = memory.compiled_bytes(compiled)
+    estimate = memory.compiled_bytes(compiled) * devices
     open("/proc/self/clear_refs", "w").write("5")
     before = _status("VmRSS")
     real_state = jax.device_put(training.init_state(config, model, optimizer),
@@ -90,7 +94,7 @@ def measure(program: str) -> dict:
                                       budgets={"pgd": steps}, eps=4 / 255, mesh=mesh,
                                       batch_size=512)
     stage, compiled = programs[-1]
-    estimate = memory.compiled_bytes(compiled)
+    estimate = memory.compiled_bytes(compiled) * devices
     params_bytes = memory.tree_bytes(params)
     open("/proc/self/clear_refs", "w").write("5")
     before = _status("VmRSS") - params_bytes  # the parameters are arguments of the estimate
@@ -110,22 +114,25 @@ def measure(program: str) -> dict:
                                     batch_size=512)
     assert result.clean_accuracy == 1.0
   real = _status("VmHWM") - before
-  return dict(program=program, estimate_bytes=estimate, real_peak_bytes=real,
+  return dict(program=program, devices=devices, estimate_bytes=estimate, real_peak_bytes=real,
               estimate_over_real=estimate / max(real, 1))
 
 
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--programs", default="train,eval,sweep")
+  p.add_argument("--devices", type=int, default=1, help="CPU devices sharing the process")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    print(json.dumps(measure(args.child)), flush=True)
+    print(json.dumps(measure(args.child, args.devices)), flush=True)
     return []
   lines = []
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
   for program in args.programs.split(","):
-    out = subprocess.run([sys.executable, "-m", "bench.memory_estimate", f"--child={program}"],
+    out = subprocess.run([sys.executable, "-m", "bench.memory_estimate", f"--child={program}",
+                          f"--devices={args.devices}"],
                          capture_output=True, text=True, cwd=REPO, env=env, check=True)
     line = json.loads(out.stdout.strip().splitlines()[-1])
     lines.append(line)

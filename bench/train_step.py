@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -248,17 +249,19 @@ def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   args_b = parse_args(list(argv or sys.argv[1:]) + shlex.split(args.ab)) if args.ab else None
   from adv_soups import host_devices
-  host_devices.split_for_training(args.batch)  # as the training programs do, before jax starts
+  batches = [args.batch] + ([args_b.batch] if args_b else [])
+  host_devices.split_for_training(math.gcd(*batches))  # as the programs do, before jax starts
   import jax
   if args.backend:
     jax.config.update("jax_platforms", args.backend)
   from adv_soups import parallel
   from bench import flops, peak
   mesh = parallel.make_mesh()
-  if args.batch % jax.device_count():
-    print(f"error: --batch {args.batch} must be a multiple of the {jax.device_count()} devices",
-          file=sys.stderr)
-    sys.exit(2)
+  for batch in batches:
+    if batch % jax.device_count():
+      print(f"error: --batch {batch} must be a multiple of the {jax.device_count()} devices",
+            file=sys.stderr)
+      sys.exit(2)
   peak_gflops = None if args.compile_only else (
       args.peak_gflops or peak.matmul_gflops(2048, args.dtype, repeats=3)["median_gflops"])
   torch = Torch(args) if args.baseline == "torch" and not args.compile_only else None

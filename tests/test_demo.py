@@ -1,6 +1,7 @@
 """`make demo` end to end, shrunk: train from scratch, then the soup sweep, in one process."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,8 +20,8 @@ def test_demo_trains_then_sweeps(tmp_path):
              "--config.eval.num_examples=24", "--config.eval.attack_steps=1"]
   # As on a user's CPU-only machine: no device count in XLA_FLAGS (conftest's 8 taken out), so the
   # program splits the CPU for its batch of 128 (adv_soups.host_devices).
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", ""))
+  env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                          os.environ.get("XLA_FLAGS", "")))
   env.pop("ADV_SOUPS_CPU_DEVICES", None)
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -81,7 +81,12 @@ def test_available_bytes_reads_the_override_then_the_device(monkeypatch):
   assert memory.available_bytes() == 12345
   monkeypatch.delenv(memory.ENV_OVERRIDE)
   assert jax.local_devices()[0].memory_stats() is None  # CPU: MemAvailable
-  assert memory.available_bytes() == memory._mem_available() > 0
+  assert memory._mem_available() > 0
+  # Shared by the CPU devices (conftest's 8), each holding its own arguments and temporaries.
+  # (Mutation: return MemAvailable whole -> 8x what a device may use, a late OOM on CPU.)
+  monkeypatch.setattr(memory, "_mem_available", lambda: 8_000_000_007)
+  assert jax.local_device_count() == 8
+  assert memory.available_bytes() == 1_000_000_000
 
 
 def compiles(caplog, name: str, shape: str = "") -> int:

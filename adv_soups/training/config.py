@@ -172,8 +172,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if eval_cfg.num_examples is not None and eval_cfg.num_examples < 1:
     raise ValueError(f"config.eval.num_examples={eval_cfg.num_examples} must be >= 1 (or None)")
   if train.batch_size % n_devices:
+    cpu = jax.devices()[0].platform == "cpu"
     raise ValueError(f"config.train.batch_size={train.batch_size} must be a multiple of the "
-                     f"{n_devices} devices")
+                     f"{n_devices} devices" + (" (on CPU, $ADV_SOUPS_CPU_DEVICES or XLA_FLAGS "
+                                               "set their number)" if cpu else ""))
   if not (0 <= attack.eps <= (1 if attack.norm == "linf" else float("inf"))):
     raise ValueError(f"config.attack.eps={attack.eps} is outside the allowed range for "
                      f"{attack.norm} ([0, 1] for linf, >= 0 for l2)")
