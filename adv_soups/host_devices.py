@@ -11,7 +11,7 @@ device, 201 s with 4, cold); losses equal to a relative 3e-7 over 50 steps.
 
 `split_for_training(batch_size, multiple)` sets k before jax's backend starts (the flag is read
 once, then): k = $ADV_SOUPS_CPU_DEVICES when set (1 leaves jax alone), else the largest of 4 and 2
-that divides batch_size / multiple. The training programs (`adv_soups.train`, `make demo`) call it;
+that divides batch_size / multiple. The training programs (`adv_soups.train`, `make demo`, the experiments) call it;
 importing adv_soups does not. Left alone: a host with an accelerator plugin (see `host_memory`),
 a device count already named (XLA_FLAGS, JAX_NUM_CPU_DEVICES), a backend already started, a
 multi-process run.

@@ -14,10 +14,10 @@ Standard configuration (the performance issue): ViT width 192, depth 6, 3 heads,
 images, patch 4, 10 classes, token adapter, global batch 128, PGD-2 l_inf eps 4/255 with a random
 start, AdamW, float32. The step is the project's own: the config comes from
 `training.base_config()` + `training.resolve_config`, the mesh spans `jax.devices()`, and the step
-is `training.make_train_step`, compiled ahead of time; on a CPU-only host the CPU is split into
-devices as the training programs split it (`adv_soups.host_devices`: 4 for batch 128;
-`ADV_SOUPS_CPU_DEVICES=1` for one device) (its compile time is reported; the timed calls
-cannot recompile). Warm-up excluded; `--repeats` timed repetitions of `--steps` steps each; the
+is `training.make_train_step`, compiled ahead of time (its compile time is reported; the timed
+calls cannot recompile). On a CPU-only host the CPU is split into devices as the training
+programs split it (`adv_soups.host_devices`: 4 for batch 128; `ADV_SOUPS_CPU_DEVICES=1` for one
+device). Warm-up excluded; `--repeats` timed repetitions of `--steps` steps each; the
 median and the spread (min, max) are reported.
 
 Prints one JSON line per mode: mode, images_per_sec, ms_per_step, spread_ms, flops_per_image
@@ -250,7 +250,11 @@ def main(argv=None) -> list[dict]:
   args_b = parse_args(list(argv or sys.argv[1:]) + shlex.split(args.ab)) if args.ab else None
   from adv_soups import host_devices
   batches = [args.batch] + ([args_b.batch] if args_b else [])
-  host_devices.split_for_training(math.gcd(*batches))  # as the programs do, before jax starts
+  try:
+    host_devices.split_for_training(math.gcd(*batches))  # as the programs do, before jax starts
+  except ValueError as e:  # a bad $ADV_SOUPS_CPU_DEVICES
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   import jax
   if args.backend:
     jax.config.update("jax_platforms", args.backend)

@@ -5,7 +5,9 @@ The PyTorch baseline's test is skipped when `.venv-torch` (make bench-torch-venv
 """
 import json
 import os
+import re
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from bench import flops, peak, train_step
 
 TINY = ["--width=32", "--depth=1", "--heads=2", "--mlp=64", "--image_size=8", "--patch=4",
         "--batch=8", "--repeats=1", "--steps=1", "--peak_gflops=100"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(image_size=8, patch_size=4, channels=3, width=32, depth=1, mlp_dim=64, num_classes=10)
 
 
@@ -105,6 +108,35 @@ def test_train_step_bad_flag_exits_2_and_writes_nothing(tmp_path):
   with pytest.raises(SystemExit) as e:
     train_step.main(TINY + ["--modes=cotrain,bogus", f"--results={results}"])
   assert e.value.code == 2 and not results.exists()
+
+
+def _fresh_bench(tmp_path, *flags, cpu_devices=None):
+  """bench.train_step --compile_only in a fresh process whose XLA_FLAGS names no device count,
+  as on a user's CPU host: (return code, stderr, the results file's lines)."""
+  results = tmp_path / "r.jsonl"
+  env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                          os.environ.get("XLA_FLAGS", "")))
+  env.pop("ADV_SOUPS_CPU_DEVICES", None)
+  if cpu_devices is not None:
+    env["ADV_SOUPS_CPU_DEVICES"] = cpu_devices
+  proc = subprocess.run([sys.executable, "-m", "bench.train_step", *TINY, "--modes=cotrain",
+                         "--compile_only", f"--results={results}", *flags], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  stored = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
+  return proc.returncode, proc.stderr, stored
+
+
+def test_train_step_splits_the_cpu_as_the_training_programs_do(tmp_path):
+  """Batch 8 -> 4 CPU devices, recorded with the line; a bad setting is one line, exit 2, nothing
+  written. (Mutation: drop the split in main -> device_count 1.)"""
+  code, err, stored = _fresh_bench(tmp_path)
+  assert code == 0, err[-2000:]
+  assert stored[0]["machine"]["device_count"] == 4
+  (tmp_path / "bad").mkdir()
+  code, err, stored = _fresh_bench(tmp_path / "bad", cpu_devices="x")
+  assert code == 2 and stored == []
+  assert err.strip().splitlines() == ["error: ADV_SOUPS_CPU_DEVICES='x': allowed values are "
+                                      "integers >= 1 (1: one device)"]
 
 
 def test_compile_only_ab_reports_both_memories(tmp_path, capsys):
